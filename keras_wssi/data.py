@@ -1,0 +1,253 @@
+"""Data sets: MNIST and Fashion-MNIST, online through tensorflow-datasets or offline from raw IDX files.
+
+Online users get the data from `tensorflow_datasets` (it downloads once and caches). Offline users point
+`data_dir` (or the `KERAS_WSSI_DATA_DIR` environment variable) at a folder holding the four original
+`*-idx?-ubyte.gz` files of a data set, either directly or in a sub-folder named after the data set
+(`<data_dir>/mnist/…`, `<data_dir>/fashion_mnist/…`). Every raw file is verified against the SHA-256
+published for the original download before it is parsed, so a truncated or substituted file is refused
+instead of silently training on it.
+"""
+
+import gzip
+import hashlib
+import os
+import struct
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "SUPPORTED_DATASETS",
+    "DataError",
+    "default_data_dir",
+    "load_arrays",
+    "load_dataset",
+    "make_pipeline",
+]
+
+DATA_DIR_ENV = "KERAS_WSSI_DATA_DIR"
+
+# Original file names and their published SHA-256 (the same values tensorflow-datasets registers).
+_RAW_FILES = {
+    "mnist": {
+        ("train", "images"): (
+            "train-images-idx3-ubyte.gz",
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        ),
+        ("train", "labels"): (
+            "train-labels-idx1-ubyte.gz",
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        ),
+        ("test", "images"): (
+            "t10k-images-idx3-ubyte.gz",
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        ),
+        ("test", "labels"): (
+            "t10k-labels-idx1-ubyte.gz",
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        ),
+    },
+    "fashion_mnist": {
+        ("train", "images"): (
+            "train-images-idx3-ubyte.gz",
+            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+        ),
+        ("train", "labels"): (
+            "train-labels-idx1-ubyte.gz",
+            "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+        ),
+        ("test", "images"): (
+            "t10k-images-idx3-ubyte.gz",
+            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+        ),
+        ("test", "labels"): (
+            "t10k-labels-idx1-ubyte.gz",
+            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        ),
+    },
+}
+
+SUPPORTED_DATASETS = tuple(sorted(_RAW_FILES))
+_SPLITS = ("train", "test")
+_IDX_MAGIC = {"images": 2051, "labels": 2049}
+
+# Parsed arrays are kept per process: tests and scripts load the same files many times.
+_ARRAY_CACHE = {}
+_VERIFIED_FILES = set()
+
+
+class DataError(ValueError):
+    """Raised when a data set cannot be found, verified or parsed."""
+
+
+def default_data_dir():
+    """The offline data directory from `KERAS_WSSI_DATA_DIR`, or None when unset."""
+    value = os.environ.get(DATA_DIR_ENV, "").strip()
+    return value or None
+
+
+def _check_name_and_split(name, split):
+    if name not in _RAW_FILES:
+        raise DataError(
+            f"Unknown dataset {name!r}: expected one of {', '.join(SUPPORTED_DATASETS)}."
+        )
+    if split not in _SPLITS:
+        raise DataError(f"Unknown split {split!r}: expected 'train' or 'test'.")
+
+
+def _find_raw_file(data_dir, name, file_name):
+    candidates = [
+        os.path.join(data_dir, name, file_name),
+        os.path.join(data_dir, file_name),
+        # The layout torchvision / tfds manual_dir users already have.
+        os.path.join(data_dir, {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name], "raw", file_name),
+    ]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise DataError(
+        f"data_dir={data_dir!r} has no {file_name} for dataset {name!r}; looked in "
+        f"{', '.join(candidates)}. Point data_dir (or ${DATA_DIR_ENV}) at the folder holding the "
+        "original gzip-compressed IDX files, or leave it unset to download with tensorflow-datasets."
+    )
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_idx(path, kind, expected_sha256):
+    if path not in _VERIFIED_FILES:
+        actual = _sha256(path)
+        if actual != expected_sha256:
+            raise DataError(
+                f"Checksum mismatch for {path}: sha256 {actual}, expected {expected_sha256}. "
+                "The file is corrupt or is not the original distribution file."
+            )
+        _VERIFIED_FILES.add(path)
+    with gzip.open(path, "rb") as handle:
+        payload = handle.read()
+    magic = struct.unpack(">I", payload[:4])[0]
+    if magic != _IDX_MAGIC[kind]:
+        raise DataError(f"{path} is not an IDX {kind} file (magic {magic}, expected {_IDX_MAGIC[kind]}).")
+    if kind == "images":
+        count, rows, cols = struct.unpack(">III", payload[4:16])
+        array = np.frombuffer(payload, dtype=np.uint8, offset=16)
+        if array.size != count * rows * cols:
+            raise DataError(f"{path}: payload has {array.size} bytes, header promises {count * rows * cols}.")
+        return array.reshape(count, rows, cols, 1)
+    count = struct.unpack(">I", payload[4:8])[0]
+    array = np.frombuffer(payload, dtype=np.uint8, offset=8)
+    if array.size != count:
+        raise DataError(f"{path}: payload has {array.size} labels, header promises {count}.")
+    return array
+
+
+def _load_raw(name, split, data_dir):
+    arrays = {}
+    for kind in ("images", "labels"):
+        file_name, sha = _RAW_FILES[name][(split, kind)]
+        arrays[kind] = _read_idx(_find_raw_file(data_dir, name, file_name), kind, sha)
+    if len(arrays["images"]) != len(arrays["labels"]):
+        raise DataError(f"{name}/{split}: {len(arrays['images'])} images but {len(arrays['labels'])} labels.")
+    return arrays["images"], arrays["labels"]
+
+
+def _load_tfds(name, split):
+    try:
+        import tensorflow_datasets as tfds  # Imported lazily: it is slow to import and only needed online.
+
+        images, labels = tfds.as_numpy(
+            tfds.load(name, split=split, batch_size=-1, as_supervised=True)
+        )
+    except Exception as error:  # tfds raises many types (network, checksum, builder) for one cause.
+        raise DataError(
+            f"Could not load {name!r}/{split} through tensorflow-datasets ({type(error).__name__}: "
+            f"{error}). Without network access, pass data_dir (flag --data_dir or ${DATA_DIR_ENV}) "
+            "pointing at the original raw IDX .gz files."
+        ) from error
+    return np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28, 1), np.asarray(labels)
+
+
+def load_arrays(name, split, data_dir=None):
+    """Loads a whole split as NumPy arrays.
+
+    Args:
+        name: `"mnist"` or `"fashion_mnist"`.
+        split: `"train"` or `"test"`.
+        data_dir: folder with the raw IDX `.gz` files (offline). Defaults to `$KERAS_WSSI_DATA_DIR`;
+            when neither is set the data comes from tensorflow-datasets (online).
+
+    Returns:
+        `(images, labels)`: float32 images in `[0, 1]` of shape `(N, 28, 28, 1)` and int32 labels `(N,)`.
+    """
+    _check_name_and_split(name, split)
+    data_dir = data_dir or default_data_dir()
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"data_dir={data_dir!r} is not a directory.")
+    key = (name, split, os.path.abspath(data_dir) if data_dir else None)
+    if key not in _ARRAY_CACHE:
+        if data_dir:
+            images, labels = _load_raw(name, split, data_dir)
+        else:
+            images, labels = _load_tfds(name, split)
+        images = images.astype(np.float32) / np.float32(255.0)
+        labels = labels.astype(np.int32)
+        images.setflags(write=False)
+        labels.setflags(write=False)
+        _ARRAY_CACHE[key] = (images, labels)
+    return _ARRAY_CACHE[key]
+
+
+def make_pipeline(images, labels, batch_size, shuffle=False, seed=0, repeat=False, drop_remainder=False):
+    """A `tf.data` pipeline over in-memory arrays: cache, shuffle, batch, prefetch."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if len(images) == 0:
+        raise ValueError("The dataset is empty: there is nothing to batch.")
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
+    if shuffle:
+        dataset = dataset.shuffle(min(len(images), 60000), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def load_dataset(
+    name,
+    split,
+    batch_size=128,
+    data_dir=None,
+    shuffle=None,
+    seed=0,
+    limit=None,
+    drop_remainder=False,
+):
+    """Loads a split as a batched `tf.data.Dataset` of `(image, label)`.
+
+    Args:
+        name: `"mnist"` or `"fashion_mnist"`.
+        split: `"train"` or `"test"`.
+        batch_size: examples per batch.
+        data_dir: raw IDX folder for offline use (see `load_arrays`).
+        shuffle: shuffle every epoch; defaults to True for the train split.
+        seed: shuffle seed.
+        limit: keep only the first `limit` examples (a quick run); None keeps all.
+        drop_remainder: drop the last partial batch (fixed shapes for XLA and TPUs).
+    """
+    images, labels = load_arrays(name, split, data_dir=data_dir)
+    if limit is not None:
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}.")
+        images, labels = images[:limit], labels[:limit]
+    if shuffle is None:
+        shuffle = split == "train"
+    return make_pipeline(
+        images, labels, batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder
+    )

@@ -1,0 +1,415 @@
+"""Reading a Keras model: its weight layers, normalization, residual blocks and homogeneity.
+
+Penalties and analysis tools ask this module, never the model's internals directly. Functional and
+Sequential models are read from their graph (so order, normalization and residual blocks are known);
+subclassed models only expose their layers in tracking order, and methods that need the graph say so.
+"""
+
+import dataclasses
+import math
+import warnings
+
+import keras
+
+__all__ = [
+    "GraphNode",
+    "ResidualBlock",
+    "StructureError",
+    "WeightLayer",
+    "check_homogeneous",
+    "graph_nodes",
+    "non_homogeneous_layers",
+    "output_activation",
+    "residual_blocks",
+    "unwrap",
+    "weight_layers",
+]
+
+L = keras.layers
+
+_CONV_TYPES = (L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+_DEPTHWISE_TYPES = tuple(t for t in (getattr(L, "DepthwiseConv1D", None), L.DepthwiseConv2D) if t)
+_SEPARABLE_TYPES = (L.SeparableConv1D, L.SeparableConv2D)
+_NORMALIZATION_TYPES = (L.BatchNormalization, L.LayerNormalization, L.GroupNormalization, L.UnitNormalization)
+
+# Positively homogeneous (degree one) activations: f(γ t) = γ f(t) for γ > 0.
+_HOMOGENEOUS_ACTIVATIONS = {"linear", "relu", "leaky_relu"}
+
+# Layers that pass a scale through unchanged (positively homogeneous or linear without bias).
+_PASS_THROUGH_TYPES = (
+    L.InputLayer,
+    L.Flatten,
+    L.Reshape,
+    L.Permute,
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.SpatialDropout3D,
+    L.GaussianDropout,
+    L.AlphaDropout,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.ZeroPadding3D,
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+    L.MaxPooling1D,
+    L.MaxPooling2D,
+    L.MaxPooling3D,
+    L.AveragePooling1D,
+    L.AveragePooling2D,
+    L.AveragePooling3D,
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.GlobalMaxPooling3D,
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+    L.GlobalAveragePooling3D,
+    L.UpSampling1D,
+    L.UpSampling2D,
+    L.UpSampling3D,
+    L.Add,
+    L.Concatenate,
+    L.Identity,
+)
+
+
+class StructureError(ValueError):
+    """Raised when a model's structure does not fit a method's assumptions."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WeightLayer:
+    """A layer with a linear map `W` (Dense or a convolution) as the structure module sees it.
+
+    Attributes:
+        layer: the Keras layer.
+        kernels: its kernel variables in the order they are applied (two for separable convolutions).
+        bias: its bias variable, or None.
+        kind: `"dense"`, `"conv"`, `"depthwise_conv"` or `"separable_conv"`.
+        receptive_field: the number of kernel taps per output (∏ kernel sizes; 1 for Dense). A convolution's
+            operator norm is at most `sqrt(receptive_field)` times the norm of its reshaped kernel matrix.
+        normalized: True when the output reaches a normalization layer through scale-preserving ops only,
+            so the function does not depend on the kernel's scale.
+    """
+
+    layer: object
+    kernels: tuple
+    bias: object
+    kind: str
+    receptive_field: int
+    normalized: bool
+
+    @property
+    def name(self):
+        return self.layer.name
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResidualBlock:
+    """Branches joined by an `Add`: `out = Σ_branches branch(h)`, a branch with no weight layer being the skip.
+
+    Attributes:
+        add_layer: the `Add` layer that joins the branches.
+        branches: one tuple of `WeightLayer`s per input of the `Add` (empty for the identity skip).
+    """
+
+    add_layer: object
+    branches: tuple
+
+    @property
+    def name(self):
+        return self.add_layer.name
+
+    @property
+    def weight_layers(self):
+        return tuple(w for branch in self.branches for w in branch)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GraphNode:
+    """One call of a layer in a functional graph, with the nodes feeding it and consuming it."""
+
+    layer: object
+    parents: list
+    children: list
+
+
+def unwrap(model):
+    """The innermost model that carries the layers (looks through `keras_wssi.wrap`)."""
+    seen = set()
+    while getattr(model, "_keras_wssi_wrapped", None) is not None and id(model) not in seen:
+        seen.add(id(model))
+        model = model._keras_wssi_wrapped
+    return model
+
+
+def _functional_view(model):
+    model = unwrap(model)
+    if isinstance(model, keras.Sequential):
+        functional = getattr(model, "_functional", None)
+        if functional is None:
+            raise StructureError(
+                f"Sequential model {model.name!r} is not built with a known input shape; build it first "
+                "(give an `Input`, or call `model.build(input_shape)`)."
+            )
+        return functional
+    if hasattr(model, "_nodes_by_depth") and hasattr(model, "_operations"):
+        return model
+    return None
+
+
+def graph_nodes(model):
+    """The model's layer calls in topological order (inputs first), as `GraphNode`s.
+
+    Nested functional/Sequential models are expanded in place. Raises `StructureError` for
+    subclassed models, whose graph Keras does not record.
+    """
+    functional = _functional_view(model)
+    if functional is None:
+        raise StructureError(
+            f"Model {unwrap(model).name!r} is subclassed: its layer graph is not recorded by Keras, so "
+            "this method (which needs the order of layers, residual blocks or normalization) cannot read "
+            "it. Build the model with the functional or Sequential API."
+        )
+    ordered = []
+
+    def visit(function, input_parents):
+        # Keras stores depth 0 at the outputs; the largest depth holds the inputs.
+        input_index = 0
+        local = {}
+        for depth in sorted(function._nodes_by_depth, reverse=True):
+            for node in function._nodes_by_depth[depth]:
+                operation = node.operation
+                parents = [local[id(p)] for p in node.parent_nodes if id(p) in local]
+                if node.is_input:
+                    parents = list(input_parents[input_index : input_index + 1])
+                    input_index += 1
+                inner = _functional_view(operation) if isinstance(operation, keras.Model) else None
+                if inner is not None:
+                    local[id(node)] = visit(inner, parents)
+                    continue
+                graph_node = GraphNode(layer=operation, parents=parents, children=[])
+                for parent in parents:
+                    parent.children.append(graph_node)
+                ordered.append(graph_node)
+                local[id(node)] = graph_node
+        # The node producing the (first) output of this function.
+        output = function.outputs[0]._keras_history
+        return local[id(output.operation._inbound_nodes[output.node_index])]
+
+    visit(functional, [])
+    return ordered
+
+
+def _activation_name(layer):
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return "linear"
+    name = getattr(activation, "__name__", None) or type(activation).__name__
+    return name.lower()
+
+
+def _is_homogeneous_layer(layer, include_own_activation=True):
+    if isinstance(layer, (L.Dense, *_CONV_TYPES, *_DEPTHWISE_TYPES, *_SEPARABLE_TYPES)):
+        return not include_own_activation or _activation_name(layer) in _HOMOGENEOUS_ACTIVATIONS
+    if isinstance(layer, L.Activation):
+        return _activation_name(layer) in _HOMOGENEOUS_ACTIVATIONS
+    if isinstance(layer, L.ReLU):
+        # A ReLU with a ceiling or a threshold is not homogeneous; negative_slope keeps it homogeneous.
+        return layer.max_value is None and float(layer.threshold) == 0.0
+    if isinstance(layer, L.LeakyReLU):
+        return True
+    return isinstance(layer, _PASS_THROUGH_TYPES)
+
+
+def _kernels_of(layer):
+    if isinstance(layer, _SEPARABLE_TYPES):
+        return (layer.depthwise_kernel, layer.pointwise_kernel), "separable_conv"
+    if isinstance(layer, _DEPTHWISE_TYPES):
+        return (layer.kernel,), "depthwise_conv"
+    if isinstance(layer, _CONV_TYPES):
+        return (layer.kernel,), "conv"
+    if isinstance(layer, L.Dense):
+        return (layer.kernel,), "dense"
+    return None, None
+
+
+def _receptive_field(kernels, kind):
+    if kind == "dense":
+        return 1
+    spatial = kernels[0].shape[:-2]
+    return int(math.prod(int(s) for s in spatial))
+
+
+def _reaches_normalization(node):
+    """Follows single-consumer, scale-preserving ops from a weight layer's output to a normalization."""
+    if _activation_name(node.layer) not in _HOMOGENEOUS_ACTIVATIONS:
+        return False
+    current = node
+    while len(current.children) == 1:
+        child = current.children[0]
+        if isinstance(child.layer, _NORMALIZATION_TYPES):
+            return True
+        if isinstance(child.layer, (L.Add, L.Concatenate)) or not _is_homogeneous_layer(child.layer):
+            return False
+        current = child
+    return False
+
+
+def _make_weight_layer(layer, normalized):
+    kernels, kind = _kernels_of(layer)
+    if not layer.built:
+        raise StructureError(f"Layer {layer.name!r} is not built yet; build the model first.")
+    return WeightLayer(
+        layer=layer,
+        kernels=kernels,
+        bias=getattr(layer, "bias", None),
+        kind=kind,
+        receptive_field=_receptive_field(kernels, kind),
+        normalized=normalized,
+    )
+
+
+def weight_layers(model):
+    """The model's weight layers (Dense, Conv1D/2D/3D and transposes, DepthwiseConv, SeparableConv).
+
+    In graph order for functional and Sequential models (each shared layer once, at its first call);
+    in tracking order for subclassed models, where `normalized` is read from the adjacent layer in that
+    order (a best effort, announced by a warning when normalization layers are present).
+
+    Raises:
+        StructureError: the model has no weight layer, or is not built.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+    result = []
+    seen = set()
+    try:
+        nodes = graph_nodes(model)
+    except StructureError:
+        nodes = None
+    if nodes is not None:
+        for node in nodes:
+            kernels, _ = _kernels_of(node.layer)
+            if kernels is None or id(node.layer) in seen:
+                continue
+            seen.add(id(node.layer))
+            result.append(_make_weight_layer(node.layer, _reaches_normalization(node)))
+    else:
+        layers = [l for l in unwrap(model)._flatten_layers(include_self=False, recursive=True)]
+        has_normalization = any(isinstance(l, _NORMALIZATION_TYPES) for l in layers)
+        if has_normalization:
+            warnings.warn(
+                f"Model {unwrap(model).name!r} is subclassed: kernels are treated as followed by normalization "
+                "when the next tracked layer is a normalization layer (the call graph is not recorded).",
+                stacklevel=2,
+            )
+        for index, layer in enumerate(layers):
+            kernels, _ = _kernels_of(layer)
+            if kernels is None or id(layer) in seen:
+                continue
+            seen.add(id(layer))
+            following = layers[index + 1] if index + 1 < len(layers) else None
+            result.append(_make_weight_layer(layer, isinstance(following, _NORMALIZATION_TYPES)))
+    if not result:
+        raise StructureError(
+            f"Model {unwrap(model).name!r} has no weight layers (Dense, Conv, DepthwiseConv, SeparableConv): "
+            "there is nothing for a weight penalty to act on."
+        )
+    return result
+
+
+def non_homogeneous_layers(model):
+    """Names of layers inside the network (not the output layer's own activation) that break positive
+    homogeneity: sigmoid/tanh/softmax activations, normalization, capped ReLUs, unknown layers."""
+    nodes = graph_nodes(model)
+    output_layers = {id(n.layer) for n in nodes if not n.children}
+    offenders = []
+    for node in nodes:
+        layer = node.layer
+        is_output = id(layer) in output_layers
+        if _is_homogeneous_layer(layer, include_own_activation=not is_output):
+            continue
+        if is_output and isinstance(layer, (L.Activation, L.Softmax)):
+            continue  # A final softmax/sigmoid is a function of the logits: it does not break the shift.
+        offenders.append(layer.name)
+    return offenders
+
+
+def check_homogeneous(model, method="This method", error=True):
+    """Raises (or warns, with `error=False`) when the network is not positively homogeneous."""
+    offenders = non_homogeneous_layers(model)
+    if offenders:
+        message = (
+            f"{method} assumes positively homogeneous activations (linear, ReLU, leaky ReLU, max-pool) inside "
+            f"the network, but model {unwrap(model).name!r} has non-homogeneous layers: {', '.join(offenders)}."
+        )
+        if error:
+            raise StructureError(message)
+        warnings.warn(message, stacklevel=2)
+    return offenders
+
+
+def output_activation(model):
+    """The name of the activation applied by the model's last layer (`"linear"` for logits)."""
+    nodes = graph_nodes(model)
+    last = [n for n in nodes if not n.children][-1].layer
+    if isinstance(last, L.Softmax):
+        return "softmax"
+    return _activation_name(last)
+
+
+def _weight_ancestors(node, stop, cache):
+    """Weight-layer nodes on the paths between `stop` (exclusive) and `node` (inclusive), in graph order."""
+    key = id(node)
+    if key in cache:
+        return cache[key]
+    found = []
+    if node is not stop:
+        for parent in node.parents:
+            for item in _weight_ancestors(parent, stop, cache):
+                if item not in found:
+                    found.append(item)
+        if _kernels_of(node.layer)[0] is not None:
+            found.append(node)
+    cache[key] = found
+    return found
+
+
+def _ancestors(node):
+    result, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        for parent in current.parents:
+            if id(parent) not in result:
+                result.add(id(parent))
+                stack.append(parent)
+    return result
+
+
+def residual_blocks(model):
+    """The residual blocks of a functional model: every `Add` whose inputs share a common ancestor.
+
+    Each branch lists the weight layers between the split point (the nearest common ancestor of the
+    `Add`'s inputs) and the `Add`; the identity skip is an empty branch.
+    """
+    nodes = graph_nodes(model)
+    position = {id(n): i for i, n in enumerate(nodes)}
+    weight_by_layer = {id(w.layer): w for w in weight_layers(model)}
+    blocks = []
+    for node in nodes:
+        if not isinstance(node.layer, L.Add) or len(node.parents) < 2:
+            continue
+        ancestor_sets = [(_ancestors(p) | {id(p)}) for p in node.parents]
+        common = set.intersection(*ancestor_sets)
+        if not common:
+            continue  # Independent inputs joined by Add: not a residual block.
+        split = nodes[max(position[c] for c in common)]
+        branches = []
+        for parent in node.parents:
+            cache = {}
+            branch_nodes = _weight_ancestors(parent, split, cache)
+            branches.append(tuple(weight_by_layer[id(n.layer)] for n in branch_nodes))
+        blocks.append(ResidualBlock(add_layer=node.layer, branches=tuple(branches)))
+    return blocks
