@@ -1,0 +1,1 @@
+"""Robustness evaluation of trained models: attacks, noise, weight perturbations, reports."""
