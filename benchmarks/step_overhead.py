@@ -1,0 +1,143 @@
+"""Step-time overhead of each penalty: regularized train step / plain train step, measured in one run.
+
+For each architecture (the 784-1024-1024-10 MLP and the small CNN, batch 128) and each XLA setting, the
+plain step and every penalty's step are timed in interleaved rounds (plain, case, plain, case, …) so that
+load from other processes hits both sides alike; the ratio of medians is printed.
+
+    python benchmarks/step_overhead.py --data_dir=../shared/data
+    python benchmarks/step_overhead.py --cases=weissi,l2 --architectures=mlp --jit=true
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_wssi as kw  # noqa: E402
+from keras_wssi import penalties as P  # noqa: E402
+
+# Case name → zero-argument factory returning a penalty or a list of penalties.
+PENALTY_CASES = {
+    "l2": lambda: P.WeightDecay(1e-4, p=2),
+    "l1": lambda: P.WeightDecay(1e-5, p=1),
+    "lp_p3": lambda: P.WeightDecay(1e-5, p=3),
+    "weissi": lambda: P.WEISSI(1e-3),
+    "weissi_product": lambda: P.WEISSI(1e-3, form="product"),
+    "weissi_geometric_mean": lambda: P.WEISSI(1e-3, form="geometric_mean"),
+    "weissi_spectral": lambda: P.WEISSI(1e-3, norm="spectral"),
+    "weissi_p1": lambda: P.WEISSI(1e-3, norm=1.0),
+    "weissi_direction": lambda: P.WEISSI(1e-3, direction_weight=1e-2),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("data_dir", None, "Raw IDX folder (offline); default: $KERAS_WSSI_DATA_DIR or ../shared/data.")
+flags.DEFINE_list("cases", [], "Penalty cases to time (default: all). Known: " + ", ".join(PENALTY_CASES))
+flags.DEFINE_list("architectures", ["mlp", "cnn"], "Architectures: mlp (784-1024-1024-10), cnn (small CNN).")
+flags.DEFINE_list("jit", ["true", "false"], "XLA settings to time.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("steps", 20, "Steps per timed round.")
+flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median round is reported).")
+flags.DEFINE_string("json_out", None, "Optional path for the results as JSON.")
+
+
+def _images_and_labels(batch_size, steps):
+    data_dir = FLAGS.data_dir or kw.data.default_data_dir()
+    if data_dir is None:
+        candidate = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+        data_dir = candidate if os.path.isdir(candidate) else None
+    images, labels = kw.data.load_arrays("mnist", "train", data_dir=data_dir)
+    count = batch_size * steps
+    return np.asarray(images[:count]), np.asarray(labels[:count])
+
+
+def _build(architecture):
+    if architecture == "mlp":
+        return kw.architectures.mlp(hidden_units=(1024, 1024))
+    if architecture == "cnn":
+        return kw.architectures.small_cnn()
+    raise ValueError(f"--architectures: unknown {architecture!r}; expected mlp or cnn.")
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _compiled_model(architecture, penalties, jit_compile):
+    keras.utils.set_random_seed(0)
+    model = _build(architecture)
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        regularizers=penalties,
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def _time_round(model, dataset, steps):
+    start = time.perf_counter()
+    model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+    return (time.perf_counter() - start) / steps
+
+
+def measure(architecture, jit_compile, case_names, images, labels, batch_size, steps, rounds):
+    """Returns {case: {"plain_ms", "case_ms", "ratio"}} for one architecture and XLA setting."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True).repeat()
+    plain = _compiled_model(architecture, [], jit_compile)
+    _time_round(plain, dataset, 3)  # Trace and compile outside the timed rounds.
+    results = {}
+    for name in case_names:
+        model = _compiled_model(architecture, _as_list(PENALTY_CASES[name]()), jit_compile)
+        _time_round(model, dataset, 3)
+        plain_times, case_times = [], []
+        for _ in range(rounds):
+            plain_times.append(_time_round(plain, dataset, steps))
+            case_times.append(_time_round(model, dataset, steps))
+        plain_ms = 1e3 * statistics.median(plain_times)
+        case_ms = 1e3 * statistics.median(case_times)
+        results[name] = {"plain_ms": plain_ms, "case_ms": case_ms, "ratio": case_ms / plain_ms}
+        print(
+            f"{architecture:4s} jit={str(jit_compile):5s} {name:28s} plain {plain_ms:8.2f} ms  "
+            f"penalty {case_ms:8.2f} ms  ratio {case_ms / plain_ms:5.2f}x",
+            flush=True,
+        )
+    return results
+
+
+def main(argv):
+    del argv
+    case_names = FLAGS.cases or list(PENALTY_CASES)
+    unknown = [c for c in case_names if c not in PENALTY_CASES]
+    if unknown:
+        raise app.UsageError(f"--cases: unknown {unknown}; known: {', '.join(PENALTY_CASES)}")
+    jit_values = []
+    for value in FLAGS.jit:
+        if value.lower() not in ("true", "false"):
+            raise app.UsageError(f"--jit: expected true/false values, got {value!r}")
+        jit_values.append(value.lower() == "true")
+    images, labels = _images_and_labels(FLAGS.batch_size, FLAGS.steps)
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, batch {FLAGS.batch_size}, "
+          f"{FLAGS.steps} steps x {FLAGS.rounds} interleaved rounds, median per-step time")
+    all_results = {}
+    for architecture in FLAGS.architectures:
+        for jit_compile in jit_values:
+            all_results[f"{architecture}/jit={jit_compile}"] = measure(
+                architecture, jit_compile, case_names, images, labels, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds
+            )
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as handle:
+            json.dump(all_results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
