@@ -1,6 +1,7 @@
 """keras_wssi: weight-scale-shift-invariant, Jacobian, curvature, weight-perturbation and slope
 regularizers for Keras 3, with the evaluation that checks what they buy."""
 
+from keras_wssi import analysis
 from keras_wssi import architectures
 from keras_wssi import data
 from keras_wssi import linalg
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Model",
     "WrappedModel",
+    "analysis",
     "architectures",
     "data",
     "linalg",

@@ -1,1 +1,6 @@
 """Analysis tools: functions of a trained model and data, used by tests, experiments and reports."""
+
+from keras_wssi.analysis.bounds import input_gradient_bound
+from keras_wssi.analysis.bounds import input_jacobian_spectral_norms
+from keras_wssi.analysis.bounds import layer_operator_norm_bounds
+from keras_wssi.analysis.invariance import scale_shift
