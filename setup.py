@@ -20,6 +20,8 @@ setuptools.setup(
         # tensorflow-datasets 4.9.x imports importlib_resources without declaring it.
         "importlib_resources",
         "absl-py",
+        # TensorBoard logging (TensorFlow 2.21 no longer installs it).
+        "tensorboard",
         "cleverhans>=4.0.0",
         "numpy",
         "matplotlib",
