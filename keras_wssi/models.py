@@ -10,11 +10,14 @@ on is kept: the step goes through `compute_loss` (so layer regularizers in `mode
 import keras
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
+from keras.src.models.functional import Functional
+from keras.src.models.functional import functional_from_config
+from keras.src.models.model import functional_init_arguments
 
 from keras_wssi import penalties as penalties_module
 from keras_wssi.penalties.base import PenaltyContext
 
-__all__ = ["Model", "wrap"]
+__all__ = ["FunctionalModel", "Model", "WrappedModel", "wrap"]
 
 
 class _PenaltySet:
@@ -49,6 +52,22 @@ class Model(keras.Model):
     """
 
     _keras_wssi_penalties = None
+
+    def __new__(cls, *args, **kwargs):
+        # `keras_wssi.Model(inputs, outputs)` builds a FunctionalModel. Keras would otherwise rewrite this
+        # class's bases in place to insert `Functional` (keras.src.models.model.inject_functional_model_class),
+        # which breaks every later subclassed `keras_wssi.Model` in the process.
+        if cls is Model and functional_init_arguments(args, kwargs):
+            return super().__new__(FunctionalModel, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, *args, **kwargs):
+        if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
+            raise TypeError(
+                f"{type(self).__name__} subclasses keras_wssi.Model and was given inputs/outputs: build functional "
+                "models as keras_wssi.Model(inputs, outputs), or subclass keras_wssi.FunctionalModel."
+            )
+        super().__init__(*args, **kwargs)
 
     def compile(
         self,
@@ -115,7 +134,9 @@ class Model(keras.Model):
 
     def _build_penalties(self):
         bundle = self._keras_wssi_penalties
-        if bundle is None:
+        if bundle is None or not all(layer.built for layer in self._flatten_layers()):
+            # A subclassed model without an input shape builds inside the first traced step; its penalties
+            # are then built there too, on first use (tf.function allows state creation on the first trace).
             return
         for penalty in bundle.penalties:
             if not penalty.built:
@@ -221,6 +242,15 @@ class Model(keras.Model):
 
 
 @keras.saving.register_keras_serializable(package="keras_wssi")
+class FunctionalModel(Model, Functional):
+    """The functional form of `keras_wssi.Model` (what `keras_wssi.Model(inputs, outputs)` returns)."""
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return functional_from_config(cls, config, custom_objects=custom_objects)
+
+
+@keras.saving.register_keras_serializable(package="keras_wssi")
 class WrappedModel(Model):
     """A `keras_wssi.Model` that calls an existing model and shares its weights (see `wrap`)."""
 
@@ -229,7 +259,7 @@ class WrappedModel(Model):
             model = keras.saving.deserialize_keras_object(model)
         if not isinstance(model, keras.Model):
             raise TypeError(f"wrap() expects a keras.Model, got {type(model).__name__}.")
-        kwargs.setdefault("name", f"{model.name}_regularized")
+        kwargs.setdefault("name", f"regularized_{model.name}")
         super().__init__(**kwargs)
         self.wrapped = model
         self._keras_wssi_wrapped = model
@@ -264,7 +294,7 @@ def wrap(model, name=None):
         return model
     if not isinstance(model, keras.Model):
         raise TypeError(f"wrap() expects a keras.Model, got {type(model).__name__}.")
-    name = name or f"{model.name}_regularized"
+    name = name or f"regularized_{model.name}"
     is_graph = isinstance(model, keras.Sequential) and getattr(model, "_functional", None) is not None
     is_graph = is_graph or (not isinstance(model, keras.Sequential) and hasattr(model, "_nodes_by_depth"))
     if is_graph:

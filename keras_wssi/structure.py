@@ -18,6 +18,7 @@ __all__ = [
     "WeightLayer",
     "check_homogeneous",
     "graph_nodes",
+    "is_weight_layer",
     "non_homogeneous_layers",
     "output_activation",
     "residual_blocks",
@@ -223,6 +224,11 @@ def _is_homogeneous_layer(layer, include_own_activation=True):
     return isinstance(layer, _PASS_THROUGH_TYPES)
 
 
+def is_weight_layer(layer):
+    """True for the layers the structure module treats as linear maps `W` (Dense and convolutions)."""
+    return isinstance(layer, (L.Dense, *_CONV_TYPES, *_DEPTHWISE_TYPES, *_SEPARABLE_TYPES))
+
+
 def _kernels_of(layer):
     if isinstance(layer, _SEPARABLE_TYPES):
         return (layer.depthwise_kernel, layer.pointwise_kernel), "separable_conv"
@@ -258,9 +264,9 @@ def _reaches_normalization(node):
 
 
 def _make_weight_layer(layer, normalized):
-    kernels, kind = _kernels_of(layer)
     if not layer.built:
-        raise StructureError(f"Layer {layer.name!r} is not built yet; build the model first.")
+        raise StructureError(f"Layer {layer.name!r} is not built yet; build the model first (call it on data).")
+    kernels, kind = _kernels_of(layer)
     return WeightLayer(
         layer=layer,
         kernels=kernels,
@@ -291,8 +297,7 @@ def weight_layers(model):
         nodes = None
     if nodes is not None:
         for node in nodes:
-            kernels, _ = _kernels_of(node.layer)
-            if kernels is None or id(node.layer) in seen:
+            if not is_weight_layer(node.layer) or id(node.layer) in seen:
                 continue
             seen.add(id(node.layer))
             result.append(_make_weight_layer(node.layer, _reaches_normalization(node)))
@@ -306,8 +311,7 @@ def weight_layers(model):
                 stacklevel=2,
             )
         for index, layer in enumerate(layers):
-            kernels, _ = _kernels_of(layer)
-            if kernels is None or id(layer) in seen:
+            if not is_weight_layer(layer) or id(layer) in seen:
                 continue
             seen.add(id(layer))
             following = layers[index + 1] if index + 1 < len(layers) else None
@@ -371,7 +375,7 @@ def _weight_ancestors(node, stop, cache):
             for item in _weight_ancestors(parent, stop, cache):
                 if item not in found:
                     found.append(item)
-        if _kernels_of(node.layer)[0] is not None:
+        if is_weight_layer(node.layer):
             found.append(node)
     cache[key] = found
     return found

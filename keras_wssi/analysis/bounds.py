@@ -116,7 +116,7 @@ def input_gradient_bound(model, norm="spectral"):
             value = math.sqrt(sum(b * b for b in parents))
         else:
             value = parents[0]
-        if node.layer.name in layer_bounds and structure._kernels_of(node.layer)[0] is not None:
+        if structure.is_weight_layer(node.layer):
             value *= layer_bounds[node.layer.name]
         value *= _layer_factor(node.layer)
         bound_of[id(node)] = value
