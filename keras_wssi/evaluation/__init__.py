@@ -1,1 +1,42 @@
-"""Robustness evaluation of trained models: attacks, noise, weight perturbations, reports."""
+"""Robustness evaluation of trained models: attacks, noise, weight perturbations, reports.
+
+Gradient attacks are cleverhans's own `tf2` functions run batched and compiled (`AttackRunner`); CW-L2 and
+the gradient-free Square attack come from the Adversarial Robustness Toolbox (optional extra). Curves of
+every family go into one `Report` (JSON, Markdown, PNG). `weight_perturbation` is imported on demand.
+"""
+
+from keras_wssi.evaluation.attacks import ATTACKS
+from keras_wssi.evaluation.attacks import Attack
+from keras_wssi.evaluation.attacks import EvaluationError
+from keras_wssi.evaluation.attacks import get_attack
+from keras_wssi.evaluation.attacks import logits_function
+from keras_wssi.evaluation.attacks import seeded_random_start
+from keras_wssi.evaluation.noise import NOISE_KINDS
+from keras_wssi.evaluation.noise import noise_accuracy
+from keras_wssi.evaluation.report import Report
+from keras_wssi.evaluation.report import load_report
+from keras_wssi.evaluation.robustness import evaluate_model
+from keras_wssi.evaluation.robustness import jacobian_statistics
+from keras_wssi.evaluation.robustness import load_model
+from keras_wssi.evaluation.runner import AttackRunner
+from keras_wssi.evaluation.runner import check_dataset
+from keras_wssi.evaluation.runner import clean_metrics
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackRunner",
+    "EvaluationError",
+    "NOISE_KINDS",
+    "Report",
+    "check_dataset",
+    "clean_metrics",
+    "evaluate_model",
+    "get_attack",
+    "jacobian_statistics",
+    "load_model",
+    "load_report",
+    "logits_function",
+    "noise_accuracy",
+    "seeded_random_start",
+]

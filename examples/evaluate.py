@@ -1,0 +1,188 @@
+r"""Evaluates trained models for robustness and writes one report comparing them side by side.
+
+Every flag has a default; a bare run evaluates the model that `examples/train.py` writes by default:
+
+    python examples/train.py --data_dir=../shared/data            # writes runs/default/model.keras
+    python examples/evaluate.py --data_dir=../shared/data         # writes reports/default/
+
+Several models, more attacks:
+
+    python examples/evaluate.py --data_dir=../shared/data \
+        --models=runs/none/model.keras,runs/weissi/model.keras --attacks=fgsm,pgd,pgd_l2,cw_l2,square
+
+Writes into --output_dir: `report.json` (every number with its settings), `summary.md` (tables),
+`accuracy_vs_epsilon.png` (one panel per attack / noise family, one line per model) and `plots/`.
+Gradient attacks are cleverhans's `tf2` functions, run batched and compiled by keras_wssi; `cw_l2` and
+`square` come from the Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`).
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+import keras_wssi as kw  # noqa: E402
+from keras_wssi import evaluation  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["runs/default/model.keras"], "Comma-separated .keras files to compare.")
+flags.DEFINE_list("names", [], "Report names of the models (default: each file's folder name).")
+flags.DEFINE_string("dataset", "", "mnist or fashion_mnist (default: the first model's metrics.json, else mnist).")
+flags.DEFINE_string(
+    "data_dir", None, f"Folder with the raw IDX .gz files (offline). Default: ${kw.data.DATA_DIR_ENV}, else tensorflow-datasets."
+)
+flags.DEFINE_list("attacks", ["fgsm", "pgd", "pgd_l2"], "Attacks: " + ", ".join(evaluation.ATTACKS) + ".")
+flags.DEFINE_list("epsilons", [str(e) for e in evaluation.robustness.DEFAULT_LINF_EPSILONS], "ε list of L∞ attacks.")
+flags.DEFINE_list("l2_epsilons", [str(e) for e in evaluation.robustness.DEFAULT_L2_EPSILONS], "ε list of L2 attacks.")
+flags.DEFINE_list("noise", ["gaussian", "uniform"], "Input noise kinds (empty for none).")
+flags.DEFINE_list("noise_levels", [str(e) for e in evaluation.robustness.DEFAULT_NOISE_LEVELS], "Noise σ / half-widths.")
+flags.DEFINE_integer("num_examples", 1000, "Test examples evaluated (0: the whole test set).")
+flags.DEFINE_integer("train_examples", 1000, "Training examples for the generalization gap (0: skip).")
+flags.DEFINE_integer("cw_examples", 100, "Examples for cw_l2 (slow: ART runs it in NumPy).")
+flags.DEFINE_integer("square_examples", 200, "Examples for the Square attack.")
+flags.DEFINE_integer("jacobian_examples", 256, "Test examples for the Jacobian statistics (0: skip).")
+flags.DEFINE_integer("pgd_steps", 40, "Iterations of pgd, pgd_l2 and madry.")
+flags.DEFINE_integer("restarts", 1, "Random restarts of pgd / pgd_l2 / madry.")
+flags.DEFINE_integer("batch_size", 500, "Examples per compiled attack call (bounds memory).")
+flags.DEFINE_integer("seed", 0, "Seed of random starts, noise and ART's sampling.")
+flags.DEFINE_boolean("jit_compile", False, "Compile attack graphs with XLA (measured slower on CPU for convolutions).")
+flags.DEFINE_boolean("recover_logits", False, "Accept softmax-output models by recovering logits (announced).")
+flags.DEFINE_boolean("weight_perturbation", False, "Also evaluate accuracy under weight perturbations.")
+flags.DEFINE_list("weight_epsilons", ["0", "0.01", "0.02", "0.05", "0.1"], "Relative weight-perturbation radii.")
+flags.DEFINE_list("weight_kinds", ["random", "adversarial"], "Weight-perturbation kinds.")
+flags.DEFINE_string("output_dir", "reports/default", "Where report.json, summary.md and the plots go.")
+flags.DEFINE_string("title", "Robustness report", "Report title.")
+flags.DEFINE_boolean("progress", True, "Progress bars.")
+
+for _name in ("num_examples", "train_examples", "cw_examples", "square_examples", "jacobian_examples"):
+    flags.register_validator(_name, lambda value: value >= 0, message=f"--{_name} must be >= 0.")
+for _name in ("pgd_steps", "restarts", "batch_size"):
+    flags.register_validator(_name, lambda value: value >= 1, message=f"--{_name} must be >= 1.")
+
+
+def _floats(values, flag):
+    try:
+        return [float(v) for v in values if v.strip()]
+    except ValueError:
+        raise app.UsageError(f"--{flag} must be comma-separated numbers, got {','.join(values)!r}.") from None
+
+
+def _attack(name):
+    if name not in evaluation.ATTACKS:
+        raise app.UsageError(f"--attacks: unknown attack {name!r}; expected names from {', '.join(evaluation.ATTACKS)}.")
+    settings = {}
+    if name in ("pgd", "pgd_l2", "madry"):
+        settings["nb_iter"] = FLAGS.pgd_steps
+    if name in ("pgd", "pgd_l2", "madry") and FLAGS.restarts > 1:
+        settings["restarts"] = FLAGS.restarts
+    return evaluation.get_attack(name, **settings)
+
+
+def _weight_perturbation_module():
+    try:
+        from keras_wssi.evaluation import weight_perturbation
+    except ImportError as error:
+        raise app.UsageError(
+            f"--weight_perturbation needs keras_wssi.evaluation.weight_perturbation, which is not available ({error})."
+        ) from error
+    if not hasattr(weight_perturbation, "evaluate_weight_perturbations"):
+        raise app.UsageError("keras_wssi.evaluation.weight_perturbation has no evaluate_weight_perturbations().")
+    return weight_perturbation
+
+
+def run(argv):
+    """Evaluates FLAGS.models and writes the report; returns the written paths."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    models = [m.strip() for m in FLAGS.models if m.strip()]
+    if not models:
+        raise app.UsageError("--models is empty: give at least one .keras file.")
+    names = [n.strip() for n in FLAGS.names if n.strip()]
+    if names and len(names) != len(models):
+        raise app.UsageError(f"--names has {len(names)} entries for {len(models)} models.")
+    if not names:
+        names = [os.path.basename(os.path.dirname(os.path.abspath(m))) or m for m in models]
+        if len(set(names)) != len(names):
+            names = models
+    attacks = [_attack(a.strip()) for a in FLAGS.attacks if a.strip()]
+    noise = [k.strip() for k in FLAGS.noise if k.strip()]
+    for kind in noise:
+        if kind not in evaluation.NOISE_KINDS:
+            raise app.UsageError(f"--noise: unknown kind {kind!r}; expected {', '.join(evaluation.NOISE_KINDS)}.")
+    linf = _floats(FLAGS.epsilons, "epsilons")
+    l2 = _floats(FLAGS.l2_epsilons, "l2_epsilons")
+    levels = _floats(FLAGS.noise_levels, "noise_levels")
+    weight_module = _weight_perturbation_module() if FLAGS.weight_perturbation else None
+
+    loaded = [evaluation.load_model(path) for path in models]
+    dataset = FLAGS.dataset or (loaded[0][1] or {}).get("dataset") or "mnist"
+    images, labels = kw.data.load_arrays(dataset, "test", data_dir=FLAGS.data_dir)
+    if FLAGS.num_examples:
+        images, labels = images[: FLAGS.num_examples], labels[: FLAGS.num_examples]
+    train_images = train_labels = None
+    if FLAGS.train_examples:
+        train_images, train_labels = kw.data.load_arrays(dataset, "train", data_dir=FLAGS.data_dir)
+        train_images, train_labels = train_images[: FLAGS.train_examples], train_labels[: FLAGS.train_examples]
+
+    report = evaluation.Report(
+        FLAGS.title,
+        settings={
+            "dataset": dataset,
+            "test_examples": len(images),
+            "train_examples": 0 if train_images is None else len(train_images),
+            "seed": FLAGS.seed,
+            "command": " ".join(["python", "examples/evaluate.py"] + sys.argv[1:]),
+        },
+    )
+    for name, path, (model, training_metrics) in zip(names, models, loaded):
+        logging.info("Evaluating %s (%s)", name, path)
+        evaluation.evaluate_model(
+            report,
+            name,
+            model,
+            images,
+            labels,
+            attacks=attacks,
+            linf_epsilons=linf,
+            l2_epsilons=l2,
+            noise_kinds=noise,
+            noise_levels=levels,
+            train_images=train_images,
+            train_labels=train_labels,
+            jacobian_examples=FLAGS.jacobian_examples,
+            attack_examples={"cw_l2": FLAGS.cw_examples or len(images), "square": FLAGS.square_examples or len(images)},
+            batch_size=FLAGS.batch_size,
+            seed=FLAGS.seed,
+            jit_compile=FLAGS.jit_compile,
+            recover_logits=FLAGS.recover_logits,
+            source=path,
+            training_metrics=training_metrics,
+            progress=FLAGS.progress,
+        )
+        if weight_module is not None:
+            for kind in FLAGS.weight_kinds:
+                curve = weight_module.evaluate_weight_perturbations(
+                    model, images, labels, _floats(FLAGS.weight_epsilons, "weight_epsilons"), kind=kind,
+                    batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+                )
+                report.add_curve(name, f"weights/{kind}", curve)
+    paths = report.save(FLAGS.output_dir)
+    print(report.markdown())
+    print(f"Wrote {paths['json']}, {paths['markdown']}" + (f", {paths['plot']}" if "plot" in paths else ""))
+    return paths
+
+
+def main(argv):
+    try:
+        run(argv)
+    except (evaluation.EvaluationError, kw.data.DataError) as error:
+        raise app.UsageError(str(error)) from error
+
+
+if __name__ == "__main__":
+    app.run(main)
