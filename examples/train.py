@@ -139,6 +139,8 @@ def train(output_dir=None):
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
     penalties = parse_penalties(FLAGS.penalties)
+    if FLAGS.deterministic and FLAGS.jit_compile:
+        logging.info("--deterministic with --jit_compile: XLA on CPU is deterministic; on GPU it may not be.")
 
     train_images, train_labels = kw.data.load_arrays(FLAGS.dataset, "train", data_dir=FLAGS.data_dir)
     test_images, test_labels = kw.data.load_arrays(FLAGS.dataset, "test", data_dir=FLAGS.data_dir)
@@ -146,7 +148,9 @@ def train(output_dir=None):
         train_images, train_labels = train_images[: FLAGS.train_examples], train_labels[: FLAGS.train_examples]
     if FLAGS.test_examples:
         test_images, test_labels = test_images[: FLAGS.test_examples], test_labels[: FLAGS.test_examples]
-    train_data = kw.data.make_pipeline(train_images, train_labels, FLAGS.batch_size, shuffle=True, seed=FLAGS.seed)
+    # The order of epoch e depends on (seed, e) only, so a resumed run sees the same batches as an
+    # uninterrupted one.
+    train_pipeline = kw.data.EpochShuffledPipeline(train_images, train_labels, FLAGS.batch_size, seed=FLAGS.seed)
     test_data = kw.data.make_pipeline(test_images, test_labels, FLAGS.batch_size)
 
     kwargs = {"hidden_units": tuple(int(v) for v in FLAGS.hidden_units)} if FLAGS.model == "mlp" else {}
@@ -161,19 +165,19 @@ def train(output_dir=None):
     checkpoint_dir = os.path.join(output_dir, "checkpoints")
     os.makedirs(checkpoint_dir, exist_ok=True)
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(output_dir, "backup")),
-        keras.callbacks.ModelCheckpoint(os.path.join(checkpoint_dir, "epoch{epoch:03d}.weights.h5"), save_weights_only=True),
+        # First, so that a non-finite batch stops the run before any epoch-end callback saves its weights.
+        kw.callbacks.TerminateOnNonFinite(),
+        kw.callbacks.SetPipelineEpoch(train_pipeline),
+        kw.callbacks.AtomicBackupAndRestore(os.path.join(output_dir, "backup")),
+        kw.callbacks.AtomicWeightsCheckpoint(os.path.join(checkpoint_dir, "epoch{epoch:03d}.weights.h5")),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "logs"), histogram_freq=0),
-        keras.callbacks.TerminateOnNaN(),
     ]
     start = time.time()
     history = model.fit(
-        train_data, validation_data=test_data, epochs=FLAGS.epochs, callbacks=callbacks, verbose=FLAGS.verbose,
+        train_pipeline.dataset, validation_data=test_data, epochs=FLAGS.epochs, callbacks=callbacks, verbose=FLAGS.verbose,
         shuffle=False,  # The pipeline shuffles every epoch itself.
     )
     seconds = time.time() - start
-    if model.stop_training and any(not np.all(np.isfinite(v)) for v in model.get_weights()):
-        raise FloatingPointError("Training diverged (NaN/Inf weights); the model and metrics were not saved.")
 
     train_metrics = data_metrics(model, train_images, train_labels, FLAGS.batch_size)
     test_metrics = data_metrics(model, test_images, test_labels, FLAGS.batch_size)

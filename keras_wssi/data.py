@@ -18,6 +18,7 @@ import tensorflow as tf
 
 __all__ = [
     "DATA_DIR_ENV",
+    "EpochShuffledPipeline",
     "SUPPORTED_DATASETS",
     "DataError",
     "default_data_dir",
@@ -217,6 +218,73 @@ def make_pipeline(images, labels, batch_size, shuffle=False, seed=0, repeat=Fals
         dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class EpochShuffledPipeline:
+    """A `tf.data` pipeline whose order in epoch `e` is a fixed function of `(seed, e)`.
+
+    `tf.data`'s own `shuffle(seed=…, reshuffle_each_iteration=True)` draws each epoch's order from a stream
+    that restarts with the process, so a run resumed at epoch `e` (after `BackupAndRestore`) would see the
+    order of epoch 0 again and end with other weights than an uninterrupted run. Here the order is a
+    stateless permutation seeded by `(seed, epoch)`; `keras_wssi.callbacks.SetPipelineEpoch` (or any code
+    calling `set_epoch`) tells the pipeline which epoch is starting. The arrays are held in non-trainable
+    variables, so the pipeline's graph stays small.
+
+    Example:
+
+    ```python
+    pipeline = keras_wssi.data.EpochShuffledPipeline(images, labels, batch_size=128, seed=0)
+    model.fit(pipeline.dataset, epochs=5, callbacks=[keras_wssi.callbacks.SetPipelineEpoch(pipeline)])
+    ```
+    """
+
+    def __init__(self, images, labels, batch_size, seed=0):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if len(images) == 0 or len(images) != len(labels):
+            raise ValueError(
+                f"images and labels must be non-empty and of equal length, got {len(images)} and {len(labels)}."
+            )
+        images = np.asarray(images)
+        if np.issubdtype(images.dtype, np.floating) and not np.all(np.isfinite(images)):
+            bad = int(np.sum(~np.isfinite(images).reshape(len(images), -1).all(axis=1)))
+            raise ValueError(f"images contains NaN or Inf in {bad} examples; clean the data before training.")
+        self.size = len(images)
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        with tf.device("/cpu:0"):
+            self._images = tf.Variable(images, trainable=False, name="pipeline_images")
+            self._labels = tf.Variable(labels, trainable=False, name="pipeline_labels")
+            self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="pipeline_epoch")
+        seed_value = tf.constant(self.seed, tf.int64)
+
+        def epoch_order(_):
+            # Read when the epoch's iterator asks for its first element, i.e. after on_epoch_begin.
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(self.size, dtype=tf.int64), seed=tf.stack([seed_value, self._epoch.read_value()])
+            )
+            return tf.data.Dataset.from_tensor_slices(order)
+
+        def gather(indices):
+            return tf.gather(self._images, indices), tf.gather(self._labels, indices)
+
+        self.dataset = (
+            tf.data.Dataset.range(1)
+            .flat_map(epoch_order)
+            .batch(batch_size)
+            .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    def set_epoch(self, epoch):
+        """Selects the order of epoch `epoch` for the next pass over `dataset`."""
+        self._epoch.assign(int(epoch))
+
+    def epoch_order(self, epoch):
+        """The example order of epoch `epoch` (for tests and inspection)."""
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(self.size, dtype=tf.int64), seed=tf.constant([self.seed, int(epoch)], tf.int64)
+        ).numpy()
 
 
 def load_dataset(
