@@ -37,6 +37,20 @@ PENALTY_CASES = {
     "weissi_spectral": lambda: P.WEISSI(1e-3, norm="spectral"),
     "weissi_p1": lambda: P.WEISSI(1e-3, norm=1.0),
     "weissi_direction": lambda: P.WEISSI(1e-3, direction_weight=1e-2),
+    "input_gradient": lambda: P.InputGradient(0.1),
+    "jacobian_frobenius": lambda: P.JacobianFrobenius(0.01, num_projections=1),
+    "jacobian_frobenius_exact": lambda: P.JacobianFrobenius(0.01, num_projections=-1),
+    "jacobian_spectral_norm": lambda: P.JacobianSpectralNorm(0.01),
+    "jacobian_spectral_norm_lanczos2": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=2),
+    "jacobian_spectral_norm_lanczos6": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=6),
+    "jacobian_spectral_norm_power1": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=1),
+    "jacobian_spectral_norm_power4": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=4),
+    "jacobian_spectral_norm_exact": lambda: P.JacobianSpectralNorm(0.01, method="exact"),
+    "layerwise_spectral_norm": lambda: P.LayerwiseSpectralNorm(0.01),
+    "layerwise_spectral_norm_operator": lambda: P.LayerwiseSpectralNorm(0.01, conv_norm="operator"),
+    "cure": lambda: P.CURE(4.0, h=0.5),
+    "cross_lipschitz": lambda: P.CrossLipschitz(0.01),
+    "cross_lipschitz_projection": lambda: P.CrossLipschitz(0.01, num_projections=1),
 }
 
 FLAGS = flags.FLAGS
@@ -137,6 +151,55 @@ def main(argv):
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as handle:
             json.dump(all_results, handle, indent=2)
+
+
+# ---- Jacobian spectral-norm error (issue #3): relative error of each spectral setting vs the SVD ----------------------
+flags.DEFINE_enum(
+    "spectral_error", "also", ["also", "only", "skip"],
+    "Report the relative error vs SVD of every jacobian_spectral_norm* case on the MLP (at initialization and after "
+    "--spectral_error_epochs of training): 'also' (after the timings), 'only', or 'skip'.",
+)
+flags.DEFINE_integer("spectral_error_examples", 512, "Test examples for the spectral-norm error report.")
+flags.DEFINE_integer("spectral_error_epochs", 1, "MNIST training epochs before the second error measurement.")
+
+
+def spectral_error_report(case_names, data_dir, examples, epochs):
+    """Mean and max relative error (σ_max − σ̂)/σ_max of each spectral case's estimate vs the SVD of the full
+    per-example Jacobian, on the 784-1024-1024-10 MLP, at initialization and after `epochs` of SGD on MNIST."""
+    x_train, y_train = kw.data.load_arrays("mnist", "train", data_dir=data_dir)
+    x_test, y_test = kw.data.load_arrays("mnist", "test", data_dir=data_dir)
+    x_test, y_test = x_test[:examples], y_test[:examples]
+    keras.utils.set_random_seed(0)
+    model = _build("mlp")
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True)
+    results = {}
+    for stage in ("init", f"trained_{epochs}ep"):
+        if stage != "init":
+            model.fit(x_train, y_train, batch_size=128, epochs=epochs, verbose=0)
+        for name in case_names:
+            penalty = PENALTY_CASES[name]()
+            estimate, exact = kw.analysis.jacobian_spectral_norm_estimates(model, x_test, y_test, penalty)
+            relative = (exact - estimate) / exact
+            results[f"{stage}/{name}"] = {"mean": float(relative.mean()), "max": float(relative.max())}
+            print(f"spectral error mlp {stage:12s} {name:34s} method={penalty.method:15s} it={penalty.iterations} "
+                  f"mean {relative.mean():9.2e}  max {relative.max():9.2e}  (mean σ_max {exact.mean():.3f})", flush=True)
+    return results
+
+
+_main_timings = main
+
+
+def main(argv):  # noqa: F811 — extends the timing run with the error report.
+    if FLAGS.spectral_error != "only":
+        _main_timings(argv)
+    if FLAGS.spectral_error != "skip":
+        names = [n for n in (FLAGS.cases or list(PENALTY_CASES)) if n.startswith("jacobian_spectral_norm")]
+        data_dir = FLAGS.data_dir or kw.data.default_data_dir()
+        if data_dir is None:
+            candidate = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
+            data_dir = candidate if os.path.isdir(candidate) else None
+        spectral_error_report(names, data_dir, FLAGS.spectral_error_examples, FLAGS.spectral_error_epochs)
 
 
 if __name__ == "__main__":

@@ -4,3 +4,9 @@ from keras_wssi.analysis.bounds import input_gradient_bound
 from keras_wssi.analysis.bounds import input_jacobian_spectral_norms
 from keras_wssi.analysis.bounds import layer_operator_norm_bounds
 from keras_wssi.analysis.invariance import scale_shift
+from keras_wssi.analysis.jacobian import centered_jacobian
+from keras_wssi.analysis.jacobian import input_jacobian
+from keras_wssi.analysis.jacobian import jacobian_identities
+from keras_wssi.analysis.jacobian import jacobian_penalty_report
+from keras_wssi.analysis.jacobian import jacobian_spectral_norm_estimates
+from keras_wssi.analysis.jacobian import layerwise_spectral_norms

@@ -13,10 +13,24 @@ from keras_wssi.penalties.base import PenaltyContext
 from keras_wssi.penalties.base import register_alias
 from keras_wssi.penalties.base import register_penalty
 from keras_wssi.penalties.base import registered_penalties
+from keras_wssi.penalties.curvature import CURE
+from keras_wssi.penalties.jacobian import CrossLipschitz
+from keras_wssi.penalties.jacobian import InputGradient
+from keras_wssi.penalties.jacobian import JacobianFrobenius
+from keras_wssi.penalties.jacobian import JacobianSpectralNorm
+from keras_wssi.penalties.jacobian import JacobianSpectralNormError
+from keras_wssi.penalties.jacobian import LayerwiseSpectralNorm
 from keras_wssi.penalties.weight_decay import WeightDecay
 from keras_wssi.penalties.weissi import WEISSI
 
 __all__ = [
+    "CURE",
+    "CrossLipschitz",
+    "InputGradient",
+    "JacobianFrobenius",
+    "JacobianSpectralNorm",
+    "JacobianSpectralNormError",
+    "LayerwiseSpectralNorm",
     "REQUIREMENTS",
     "Penalty",
     "PenaltyContext",
