@@ -130,9 +130,17 @@ def input_jacobian_spectral_norms(model, x, batch_size=256):
     Computed exactly: the full per-example Jacobian from one backward pass per output, then an SVD.
     Returns a NumPy array of shape `(N,)`.
     """
-    x = np.asarray(x, dtype=np.float32)
+    try:
+        x = np.asarray(x, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TypeError(f"x must be a numeric array of inputs, got {type(x).__name__}.") from None
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"x must be a non-empty batch of inputs, got shape {x.shape}.")
+    expected = getattr(structure.unwrap(model), "input_shape", None)
+    if isinstance(expected, tuple) and len(expected) == x.ndim and any(
+        e is not None and e != s for e, s in zip(expected[1:], x.shape[1:])
+    ):
+        raise ValueError(f"x has example shape {x.shape[1:]}, but the model expects {expected[1:]}.")
     results = []
     for start in range(0, len(x), batch_size):
         batch = tf.convert_to_tensor(x[start : start + batch_size])
