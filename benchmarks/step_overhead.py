@@ -37,6 +37,13 @@ PENALTY_CASES = {
     "weissi_spectral": lambda: P.WEISSI(1e-3, norm="spectral"),
     "weissi_p1": lambda: P.WEISSI(1e-3, norm=1.0),
     "weissi_direction": lambda: P.WEISSI(1e-3, direction_weight=1e-2),
+    # Weight perturbation and slope (issue #5). "weight_perturbation" covers Dense networks only (its bound is
+    # stated for feed-forward Dense chains): time it with --architectures=mlp.
+    "weight_perturbation": lambda: P.WeightPerturbationLoss(1.0, epsilon=1e-3),
+    "weight_perturbation_activation": lambda: P.WeightPerturbationLoss(1.0, epsilon=1e-3, mode="activation"),
+    "sam": lambda: P.SharpnessAwareMinimization(rho=0.05),
+    "slope": lambda: P.SlopePenalty(1e-3),
+    "slope_power_iteration": lambda: P.SlopePenalty(1e-3, method="power_iteration", iterations=2),
     "input_gradient": lambda: P.InputGradient(0.1),
     "jacobian_frobenius": lambda: P.JacobianFrobenius(0.01, num_projections=1),
     "jacobian_frobenius_exact": lambda: P.JacobianFrobenius(0.01, num_projections=-1),

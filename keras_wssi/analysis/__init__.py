@@ -10,3 +10,10 @@ from keras_wssi.analysis.jacobian import jacobian_identities
 from keras_wssi.analysis.jacobian import jacobian_penalty_report
 from keras_wssi.analysis.jacobian import jacobian_spectral_norm_estimates
 from keras_wssi.analysis.jacobian import layerwise_spectral_norms
+from keras_wssi.analysis.slope import dataset_complexity
+from keras_wssi.analysis.slope import slope
+from keras_wssi.analysis.slope import slope_distribution
+from keras_wssi.analysis.weight_perturbation import certified_accuracy
+from keras_wssi.analysis.weight_perturbation import certified_margins
+from keras_wssi.analysis.weight_perturbation import generalization_bound
+from keras_wssi.analysis.weight_perturbation import margin_change_bounds

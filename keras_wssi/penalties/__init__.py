@@ -20,7 +20,10 @@ from keras_wssi.penalties.jacobian import JacobianFrobenius
 from keras_wssi.penalties.jacobian import JacobianSpectralNorm
 from keras_wssi.penalties.jacobian import JacobianSpectralNormError
 from keras_wssi.penalties.jacobian import LayerwiseSpectralNorm
+from keras_wssi.penalties.slope import SlopePenalty
 from keras_wssi.penalties.weight_decay import WeightDecay
+from keras_wssi.penalties.weight_perturbation import SharpnessAwareMinimization
+from keras_wssi.penalties.weight_perturbation import WeightPerturbationLoss
 from keras_wssi.penalties.weissi import WEISSI
 
 __all__ = [
@@ -34,8 +37,11 @@ __all__ = [
     "REQUIREMENTS",
     "Penalty",
     "PenaltyContext",
+    "SharpnessAwareMinimization",
+    "SlopePenalty",
     "WEISSI",
     "WeightDecay",
+    "WeightPerturbationLoss",
     "deserialize",
     "get",
     "register_alias",

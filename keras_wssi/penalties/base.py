@@ -11,6 +11,7 @@ import math
 
 import keras
 import tensorflow as tf
+from keras.src.losses import loss as keras_loss_module
 
 __all__ = ["Penalty", "PenaltyContext", "REQUIREMENTS", "register_alias", "register_penalty", "registered_penalties", "validate_strength"]
 
@@ -156,6 +157,18 @@ class PenaltyContext:
         if training is None:
             training = self.training
         return tf.cast(self.model(x, training=training), tf.float32)
+
+    def compiled_loss(self, y_pred):
+        """The loss given to `compile` (without `model.losses`) of predictions `y_pred` against this step's
+        targets and sample weights, as a float32 scalar. Lets a penalty evaluate the training loss at other
+        weights (e.g. sharpness-aware minimization) with the loss the user chose."""
+        compiled = getattr(self.model, "_compile_loss", None)
+        if compiled is None:
+            raise ValueError("This penalty needs the compiled loss: pass `loss=` to `model.compile`.")
+        # Keras scales the compiled loss by 1/replicas under tf.distribute; penalties are scaled once, by the
+        # training loop, so return the per-replica loss unscaled.
+        loss = keras_loss_module.unscale_loss_for_distribution(compiled(self.y, y_pred, self.sample_weight))
+        return tf.cast(loss, tf.float32)
 
     def reduce_per_example(self, values):
         """Mean of per-example values, weighted by `sample_weight` when one is given."""

@@ -1,0 +1,196 @@
+"""The slope penalty, the slope-logging callback and early stopping on the slope."""
+
+import glob
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_wssi as kw
+from keras_wssi import penalties as P
+from keras_wssi.analysis import slope
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def tiny_mlp(seed=0):
+    keras.utils.set_random_seed(seed)
+    return kw.architectures.mlp(input_shape=(4, 4, 1), hidden_units=(10, 8), num_classes=4)
+
+
+def tiny_cnn(seed=0):
+    keras.utils.set_random_seed(seed)
+    return kw.architectures.small_cnn(input_shape=(6, 6, 1), filters=(3,), dense_units=6, num_classes=4)
+
+
+def data(shape=(4, 4, 1), n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 4, n).astype("int32")
+
+
+def _tf_functions(function):
+    if hasattr(function, "_list_all_concrete_functions"):
+        return [function]
+    found = []
+    for cell in getattr(function, "__closure__", None) or ():
+        value = cell.cell_contents
+        if hasattr(value, "_list_all_concrete_functions"):
+            found.append(value)
+        elif callable(value) and getattr(value, "__closure__", None):
+            found.extend(_tf_functions(value))
+    return found
+
+
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_exact_penalty_value_is_the_mean_slope_power(power, jit_compile):
+    model = tiny_mlp()
+    x, y = data()
+    model.compile("sgd", LOSS, regularizers=[P.SlopePenalty(1.0, power=power)], jit_compile=jit_compile)
+    logs = model.test_on_batch(x, y, return_dict=True)
+    assert model.penalties[0].requires == frozenset({"weights", "inputs"})  # exact: no input tape
+    assert logs["slope"] == pytest.approx(np.mean(slope(model, x) ** power), rel=1e-4)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_power_iteration_penalty_on_a_cnn(jit_compile):
+    model = tiny_cnn()
+    x, y = data((6, 6, 1))
+    penalty = P.SlopePenalty(1.0, method="auto", iterations=8)
+    model.compile("sgd", LOSS, regularizers=[penalty], jit_compile=jit_compile)
+    logs = model.test_on_batch(x, y, return_dict=True)
+    assert "input_jacobian" in penalty.requires
+    assert logs["slope"] == pytest.approx(np.mean(slope(model, x) ** 2), rel=2e-2)
+    assert logs["slope"] <= np.mean(slope(model, x) ** 2) * (1 + 1e-4)  # power iteration is a lower estimate
+
+
+def test_exact_penalty_gradient_matches_autodiff_through_the_svd():
+    model = tiny_mlp()
+    x, y = data()
+    penalty = P.SlopePenalty(1.0, power=2)
+    penalty.build(model)
+    context = kw.penalties.PenaltyContext(model, tf.constant(x), tf.constant(y), None, model(x), True)
+    with tf.GradientTape() as tape:
+        value = penalty(context)
+    gradients = tape.gradient(value, model.trainable_variables)
+    with tf.GradientTape() as tape:
+        jacobians = []
+        for example in x:
+            point = tf.constant(example[None])
+            with tf.GradientTape(persistent=True) as inner:
+                inner.watch(point)
+                logits = model(point)
+                rows = [logits[0, c] for c in range(4)]
+            jacobians.append(tf.stack([tf.reshape(inner.gradient(r, point), [-1]) for r in rows]))
+        sigma = tf.linalg.svd(tf.stack(jacobians), compute_uv=False)[:, 0]
+        reference = tf.reduce_mean(sigma**2)
+    expected = tape.gradient(reference, model.trainable_variables)
+    assert float(value) == pytest.approx(float(reference), rel=1e-4)
+    for variable, got, want in zip(model.trainable_variables, gradients, expected):
+        # Biases only move the ReLU masks: zero gradient (None on one side or both).
+        got = np.zeros(variable.shape) if got is None else got.numpy()
+        want = np.zeros(variable.shape) if want is None else want.numpy()
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-5)
+    assert np.abs(gradients[0].numpy()).max() > 1e-3
+
+
+@pytest.mark.parametrize("factory", [tiny_mlp, tiny_cnn], ids=["mlp_exact", "cnn_power_iteration"])
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_trains_lowers_slope_and_does_not_retrace(factory, jit_compile):
+    model = factory()
+    shape = (4, 4, 1) if factory is tiny_mlp else (6, 6, 1)
+    x, y = data(shape, n=32)
+    before = slope(model, x).mean()
+    model.compile(keras.optimizers.SGD(0.05), LOSS, regularizers=[P.SlopePenalty(1.0)], jit_compile=jit_compile)
+    history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
+    assert np.all(np.isfinite(history.history["slope"]))
+    assert slope(model, x).mean() < before
+    functions = _tf_functions(model.train_function)
+    assert functions and all(len(f._list_all_concrete_functions()) == 1 for f in functions)
+
+
+def test_config_and_keras_round_trip(tmp_path):
+    penalty = P.SlopePenalty(0.3, power=1, method="power_iteration", iterations=4, name="slope_l1")
+    assert P.SlopePenalty.from_config(penalty.get_config()).get_config() == penalty.get_config()
+    assert isinstance(P.get("slope:0.1"), P.SlopePenalty)
+    model = tiny_mlp()
+    x, y = data()
+    model.compile("sgd", LOSS, regularizers=[penalty, P.SlopePenalty(0.1)])
+    model.fit(x, y, epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "slope.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert [p.get_config() for p in loaded.penalties] == [p.get_config() for p in model.penalties]
+    expected = model.evaluate(x, y, verbose=0, return_dict=True)
+    got = loaded.evaluate(x, y, verbose=0, return_dict=True)
+    assert got["slope"] == pytest.approx(expected["slope"], rel=1e-5)
+
+
+def test_bad_penalty_arguments():
+    with pytest.raises(ValueError, match="power"):
+        P.SlopePenalty(power=3)
+    with pytest.raises(ValueError, match="method"):
+        P.SlopePenalty(method="svd")
+    with pytest.raises(ValueError, match="iterations"):
+        P.SlopePenalty(iterations=0)
+    model = tiny_cnn()
+    model.compile("sgd", LOSS, regularizers=[P.SlopePenalty(method="exact")])
+    with pytest.raises(kw.structure.StructureError):
+        model.train_on_batch(*data((6, 6, 1)))
+
+
+def test_slope_logger_writes_history_and_tensorboard(tmp_path):
+    model = tiny_mlp()
+    x, y = data(n=32)
+    model.compile(keras.optimizers.SGD(0.05), LOSS)
+    logger = kw.callbacks.SlopeLogger(x[:20], log_dir=str(tmp_path))
+    history = model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[logger])
+    for key in ("slope_mean", "slope_median", "slope_q10", "slope_q90"):
+        assert len(history.history[key]) == 2
+    assert history.history["slope_median"][-1] == pytest.approx(np.median(slope(model, x[:20])), rel=1e-5)
+    assert sorted(logger.values) == [0, 1]
+    events = glob.glob(os.path.join(str(tmp_path), "slope", "events.out.tfevents.*"))
+    assert events
+    tags = set()
+    for event in tf.compat.v1.train.summary_iterator(events[0]):
+        for value in event.summary.value:
+            tags.add(value.tag)
+    assert "slope" in tags and "slope_median" in tags
+
+
+def test_early_stopping_plateau_and_threshold():
+    x, y = data(n=16)
+    frozen = tiny_mlp()
+    frozen.compile(keras.optimizers.SGD(0.0), LOSS)  # nothing changes: the slope is flat from epoch 2 on
+    stop = kw.callbacks.SlopeEarlyStopping(x, criterion="plateau", min_delta=1e-3, patience=2)
+    history = frozen.fit(x, y, epochs=10, verbose=0, callbacks=[stop])
+    assert len(history.history["loss"]) == 3 and stop.stopped_epoch == 2
+
+    model = tiny_mlp()
+    initial = [w.copy() for w in model.get_weights()]
+    model.compile(keras.optimizers.SGD(0.5), LOSS)
+    budget = float(np.median(slope(model, x))) * 1.0001
+    stop = kw.callbacks.SlopeEarlyStopping(x, criterion="threshold", threshold=budget, restore_weights=True)
+    history = model.fit(x, y, epochs=10, verbose=0, callbacks=[stop])
+    assert stop.stopped_epoch is not None and len(history.history["loss"]) < 10
+    assert history.history["slope_median"][-1] > budget
+    if stop.stopped_epoch == 0:
+        for got, want in zip(model.get_weights(), initial):
+            np.testing.assert_array_equal(got, want)
+    assert np.median(slope(model, x)) <= budget
+
+
+def test_callback_arguments():
+    x = np.zeros((4, 4, 4, 1), np.float32)
+    with pytest.raises(ValueError, match="every"):
+        kw.callbacks.SlopeLogger(x, every=0)
+    with pytest.raises(ValueError, match="floating"):
+        kw.callbacks.SlopeLogger(np.zeros((4, 3), np.int32))
+    with pytest.raises(ValueError, match="threshold"):
+        kw.callbacks.SlopeEarlyStopping(x, criterion="threshold")
+    with pytest.raises(ValueError, match="criterion"):
+        kw.callbacks.SlopeEarlyStopping(x, criterion="loss")
+    with pytest.raises(ValueError, match="statistic"):
+        kw.callbacks.SlopeEarlyStopping(x, statistic="max")
