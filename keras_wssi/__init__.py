@@ -5,6 +5,7 @@ from keras_wssi import analysis
 from keras_wssi import architectures
 from keras_wssi import callbacks
 from keras_wssi import data
+from keras_wssi import evaluation
 from keras_wssi import linalg
 from keras_wssi import penalties
 from keras_wssi import regularizers
@@ -24,6 +25,7 @@ __all__ = [
     "architectures",
     "callbacks",
     "data",
+    "evaluation",
     "linalg",
     "penalties",
     "regularizers",
