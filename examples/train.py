@@ -39,7 +39,7 @@ flags.DEFINE_enum("model", "mlp", list(kw.architectures.ARCHITECTURES), "Archite
 flags.DEFINE_list("hidden_units", ["1024", "1024"], "Hidden layer widths of the MLP.")
 flags.DEFINE_list(
     "penalties",
-    ["weissi:1e-4"],
+    ["weissi:1e-2"],
     "Penalties as name:strength, comma-separated (empty for none). Names: "
     + ", ".join(sorted(kw.penalties.registered_penalties())),
 )

@@ -20,7 +20,7 @@ def _command(data_dir, output_dir):
     return [
         sys.executable, SCRIPT, f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--deterministic",
         "--train_examples=3072", "--test_examples=500", "--jacobian_examples=20", "--hidden_units=64,32",
-        "--epochs=4", "--penalties=weissi:1e-3,l2:1e-5", "--verbose=0",
+        "--epochs=4", "--penalties=weissi:1e-2,l2:1e-5", "--verbose=0",
     ]
 
 

@@ -25,7 +25,7 @@ def run_script(*args, timeout=900):
 def test_mnist_mlp_with_weissi_reaches_98_percent_and_writes_every_output(data_dir, tmp_path):
     output_dir = str(tmp_path / "run")
     result = run_script(
-        f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--epochs=3", "--penalties=weissi:1e-4", "--verbose=2"
+        f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--epochs=4", "--penalties=weissi:1e-2", "--verbose=2"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(output_dir, "metrics.json")) as handle:
