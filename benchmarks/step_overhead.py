@@ -49,6 +49,7 @@ PENALTY_CASES = {
     "jacobian_frobenius_exact": lambda: P.JacobianFrobenius(0.01, num_projections=-1),
     "jacobian_spectral_norm": lambda: P.JacobianSpectralNorm(0.01),
     "jacobian_spectral_norm_lanczos2": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=2),
+    "jacobian_spectral_norm_lanczos4": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=4),
     "jacobian_spectral_norm_lanczos6": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=6),
     "jacobian_spectral_norm_power1": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=1),
     "jacobian_spectral_norm_power4": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=4),
