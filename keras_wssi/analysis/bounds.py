@@ -14,9 +14,9 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_wssi import structure
+from keras_wssi.analysis.slope import slope
 
 __all__ = ["input_gradient_bound", "input_jacobian_spectral_norms", "layer_operator_norm_bounds"]
 
@@ -127,8 +127,8 @@ def input_gradient_bound(model, norm="spectral"):
 def input_jacobian_spectral_norms(model, x, batch_size=256):
     """Measured per-example `||J(x_i)||_2` (largest singular value of the logit Jacobian), in inference mode.
 
-    Computed exactly: the full per-example Jacobian from one backward pass per output, then an SVD.
-    Returns a NumPy array of shape `(N,)`.
+    Computed exactly by `keras_wssi.analysis.slope` (the local affine map of a ReLU MLP, or the full
+    per-example Jacobian otherwise, then the top eigenvalue of `J Jᵀ`). Returns a NumPy array `(N,)`.
     """
     try:
         x = np.asarray(x, dtype=np.float32)
@@ -141,15 +141,5 @@ def input_jacobian_spectral_norms(model, x, batch_size=256):
         e is not None and e != s for e, s in zip(expected[1:], x.shape[1:])
     ):
         raise ValueError(f"x has example shape {x.shape[1:]}, but the model expects {expected[1:]}.")
-    results = []
-    for start in range(0, len(x), batch_size):
-        batch = tf.convert_to_tensor(x[start : start + batch_size])
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(batch)
-            logits = tf.cast(model(batch, training=False), tf.float32)
-            columns = [logits[:, c] for c in range(logits.shape[-1])]
-        rows = [tf.reshape(tape.gradient(column, batch), [len(batch), -1]) for column in columns]
-        del tape
-        jacobians = tf.stack(rows, axis=1).numpy().astype(np.float64)
-        results.append(np.linalg.norm(jacobians, ord=2, axis=(1, 2)))
-    return np.concatenate(results)
+    # The same quantity as the slope of Johansson et al.: one implementation serves both names.
+    return slope(model, x, batch_size=batch_size)
