@@ -27,7 +27,10 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
+        # CW-L2 and the gradient-free Square attack (cleverhans 4.0.0's own crash on Keras 3).
+        "attacks": ["adversarial-robustness-toolbox>=1.20"],
         "test": [
+            "adversarial-robustness-toolbox>=1.20",
             "pytest>=7",
             "pytest-xdist",
             "hypothesis",
