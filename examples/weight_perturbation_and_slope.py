@@ -219,6 +219,7 @@ def _plots(results):
                 axis = axes[row, column]
                 for method, entry in results["a"][dataset].items():
                     axis.plot(epsilons, entry[kind], marker="o", markersize=3, label=method)
+                axis.set_xscale("symlog", linthresh=min([e for e in epsilons if e > 0], default=1e-3))
                 axis.set_title(f"{dataset}: {kind} weight perturbation", fontsize=9)
                 axis.set_xlabel("relative ε (||Δ_l||∞ ≤ ε ||W_l||∞, all layers)", fontsize=8)
                 axis.set_ylabel("test accuracy", fontsize=8)
