@@ -277,7 +277,8 @@ def _vector_norm(v, norm):
         return tf.reduce_max(tf.abs(v), axis=-1)
     if norm == "1":
         return tf.reduce_sum(tf.abs(v), axis=-1)
-    return tf.sqrt(tf.reduce_sum(tf.square(v), axis=-1))
+    # Guarded: the gradient of sqrt at 0 is infinite (DESIGN.md §3); 1e-24 changes the value by ≤ 1e-12.
+    return tf.sqrt(tf.reduce_sum(tf.square(v), axis=-1) + 1e-24)
 
 
 def _dual_norm(v, norm):
