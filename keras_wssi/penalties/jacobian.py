@@ -391,7 +391,8 @@ class JacobianSpectralNorm(_RandomPenalty):
       within 1% of `σ_max` on average at the default 4 iterations on MNIST MLPs (power iteration needs ~6+ for
       that; see docs/jacobian_penalties.md).
     - `method="exact"`: the full per-example Jacobian from `C` products (held constant), the top eigenvector
-      `v` of `J Jᵀ` by `eigh`, then the same differentiable `||vᵀ J||²`: exact value and exact gradient.
+      `v` of `J Jᵀ` (by repeated squaring, `linalg.top_eigenvector`), then the same differentiable `||vᵀ J||²`:
+      exact value and exact gradient.
     - `method="auto"` (default): `"exact"` when `C <= 3 · iterations + 1` (10 classes at the default 4
       iterations: exact), else `"lanczos"` — whichever needs fewer products.
 
