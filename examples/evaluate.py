@@ -45,6 +45,9 @@ flags.DEFINE_integer("num_examples", 1000, "Test examples evaluated (0: the whol
 flags.DEFINE_integer("train_examples", 1000, "Training examples for the generalization gap (0: skip).")
 flags.DEFINE_integer("cw_examples", 100, "Examples for cw_l2 (slow: ART runs it in NumPy).")
 flags.DEFINE_integer("square_examples", 200, "Examples for the Square attack.")
+flags.DEFINE_integer("cw_max_iter", 50, "Optimizer steps per binary-search step of cw_l2.")
+flags.DEFINE_integer("cw_binary_search_steps", 5, "Binary-search steps over the CW constant.")
+flags.DEFINE_integer("square_max_iter", 300, "Queries (iterations) of the Square attack per ε.")
 flags.DEFINE_integer("jacobian_examples", 256, "Test examples for the Jacobian statistics (0: skip).")
 flags.DEFINE_integer("pgd_steps", 40, "Iterations of pgd, pgd_l2 and madry.")
 flags.DEFINE_integer("restarts", 1, "Random restarts of pgd / pgd_l2 / madry.")
@@ -61,7 +64,7 @@ flags.DEFINE_boolean("progress", True, "Progress bars.")
 
 for _name in ("num_examples", "train_examples", "cw_examples", "square_examples", "jacobian_examples"):
     flags.register_validator(_name, lambda value: value >= 0, message=f"--{_name} must be >= 0.")
-for _name in ("pgd_steps", "restarts", "batch_size"):
+for _name in ("pgd_steps", "restarts", "batch_size", "cw_max_iter", "cw_binary_search_steps", "square_max_iter"):
     flags.register_validator(_name, lambda value: value >= 1, message=f"--{_name} must be >= 1.")
 
 
@@ -80,6 +83,10 @@ def _attack(name):
         settings["nb_iter"] = FLAGS.pgd_steps
     if name in ("pgd", "pgd_l2", "madry") and FLAGS.restarts > 1:
         settings["restarts"] = FLAGS.restarts
+    if name == "cw_l2":
+        settings.update(max_iter=FLAGS.cw_max_iter, binary_search_steps=FLAGS.cw_binary_search_steps)
+    if name == "square":
+        settings["max_iter"] = FLAGS.square_max_iter
     return evaluation.get_attack(name, **settings)
 
 

@@ -59,8 +59,8 @@ def load_model(path):
 def jacobian_statistics(model, images, batch_size=64):
     """Per-example statistics of the logit Jacobian `J = ∂z/∂x`: σ_max (`||J||_2`) and `||J||_F`.
 
-    Uses the Jacobian tools of the Jacobian-penalty work (`keras_wssi.analysis.jacobian` when present,
-    else `keras_wssi.linalg.per_example_jacobian` and an exact SVD); does not keep a copy of its own.
+    Uses the Jacobian tool of the Jacobian-penalty work, `keras_wssi.linalg.per_example_jacobian` (imported
+    lazily; the statistics are skipped with a note when it is absent), and an exact SVD per example.
 
     Args:
         model: a Keras classifier outputting logits.
