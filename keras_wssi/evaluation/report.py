@@ -243,7 +243,15 @@ class Report:
 
 
 def load_report(path):
-    """Reads a `report.json` back into a `Report` (e.g. to merge runs or re-plot)."""
+    """Reads a `report.json` (or the folder holding it) back into a `Report`, e.g. to merge runs or re-plot.
+
+    Example:
+
+    ```python
+    report = load_report("reports/mnist")
+    report.plot("accuracy.png", families=["attack/pgd"])
+    ```
+    """
     if os.path.isdir(path):
         path = os.path.join(path, _FILES["json"])
     with open(path, encoding="utf-8") as handle:

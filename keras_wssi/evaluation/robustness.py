@@ -33,6 +33,12 @@ def load_model(path):
     Returns:
         `(model, training_metrics)`: the model and the `metrics.json` written beside it by
         `examples/train.py` (None when absent).
+
+    Example:
+
+    ```python
+    model, training_metrics = load_model("runs/default/model.keras")
+    ```
     """
     import keras
 

@@ -30,6 +30,12 @@ def check_dataset(images, labels, model=None, name="images"):
 
     Returns:
         `(images, labels)` as float32 and int32 NumPy arrays.
+
+    Example:
+
+    ```python
+    images, labels = check_dataset(x_test, y_test, model)   # raises EvaluationError naming the problem
+    ```
     """
     if images is None or labels is None:
         raise EvaluationError(f"{name} and labels are required, got {type(images).__name__} and "
