@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_wssi as kw
+from _testing import tf_functions
 from keras_wssi.penalties import WEISSI
 from keras_wssi.penalties import WeightDecay
 
@@ -78,26 +79,11 @@ def test_no_retrace_per_step():
     x = np.random.rand(64, 4, 4, 1).astype("float32")
     y = np.random.randint(0, 10, 64)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    traces = model.train_function.__self__ if hasattr(model.train_function, "__self__") else None
-    del traces
     # The tf.function behind the train step: count its concrete functions after more epochs.
     model.fit(x, y, batch_size=16, epochs=3, verbose=0)
-    functions = [f for f in _tf_functions(model.train_function)]
+    functions = tf_functions(model.train_function)
     assert functions, "expected the train step to be a tf.function"
     assert all(len(f._list_all_concrete_functions()) <= 1 for f in functions)
-
-
-def _tf_functions(function):
-    """The tf.functions captured by Keras's train-function closure."""
-    cells = getattr(function, "__closure__", None) or ()
-    found = []
-    for cell in cells:
-        value = cell.cell_contents
-        if hasattr(value, "_list_all_concrete_functions"):
-            found.append(value)
-        elif callable(value) and getattr(value, "__closure__", None):
-            found.extend(_tf_functions(value))
-    return found
 
 
 def test_history_logs_loss_metrics_and_each_penalty():

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_wssi as kw
+from _testing import tf_functions
 from keras_wssi import penalties as P
 from keras_wssi.analysis import slope
 
@@ -28,19 +29,6 @@ def tiny_cnn(seed=0):
 def data(shape=(4, 4, 1), n=16, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 4, n).astype("int32")
-
-
-def _tf_functions(function):
-    if hasattr(function, "_list_all_concrete_functions"):
-        return [function]
-    found = []
-    for cell in getattr(function, "__closure__", None) or ():
-        value = cell.cell_contents
-        if hasattr(value, "_list_all_concrete_functions"):
-            found.append(value)
-        elif callable(value) and getattr(value, "__closure__", None):
-            found.extend(_tf_functions(value))
-    return found
 
 
 @pytest.mark.parametrize("power", [1, 2])
@@ -107,7 +95,7 @@ def test_trains_lowers_slope_and_does_not_retrace(factory, jit_compile):
     history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
     assert np.all(np.isfinite(history.history["slope"]))
     assert slope(model, x).mean() < before
-    functions = _tf_functions(model.train_function)
+    functions = tf_functions(model.train_function)
     assert functions and all(len(f._list_all_concrete_functions()) == 1 for f in functions)
 
 

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_wssi as kw
+from _testing import tf_functions
 from keras_wssi import penalties as P
 from keras_wssi.analysis import weight_perturbation as wp
 
@@ -24,20 +25,6 @@ def tiny_mlp(activation="relu", seed=0):
 def data(seed=0, n=16):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, 5)).astype("float32"), rng.integers(0, 3, n).astype("int32")
-
-
-def _tf_functions(function):
-    """The tf.functions behind Keras's train function (it may be a closure around one)."""
-    if hasattr(function, "_list_all_concrete_functions"):
-        return [function]
-    found = []
-    for cell in getattr(function, "__closure__", None) or ():
-        value = cell.cell_contents
-        if hasattr(value, "_list_all_concrete_functions"):
-            found.append(value)
-        elif callable(value) and getattr(value, "__closure__", None):
-            found.extend(_tf_functions(value))
-    return found
 
 
 def _hand_written_sam_step(model, x, y, rho, learning_rate):
@@ -137,7 +124,7 @@ def test_trains_and_does_not_retrace(factory, jit_compile):
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     assert np.all(np.isfinite(history.history[penalty.name]))
-    functions = _tf_functions(model.train_function)
+    functions = tf_functions(model.train_function)
     assert functions, "expected the train step to be a tf.function"
     assert all(len(f._list_all_concrete_functions()) == 1 for f in functions)
 

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from keras_wssi import linalg
 from keras_wssi import structure
+from keras_wssi.analysis.weight_perturbation import operator_norm
 from keras_wssi.analysis.weight_perturbation import validate_epsilon
 from keras_wssi.analysis.weight_perturbation import validate_layers
 from keras_wssi.analysis.weight_perturbation import validate_weight_norm
@@ -40,14 +41,6 @@ def _matrix(kernel, kind):
             f"Weight-perturbation evaluation supports Dense and convolution kernels, got a {kind} layer."
         )
     return tf.reshape(kernel, [-1, kernel.shape[-1]])
-
-
-def _matrix_operator_norm(matrix, norm):
-    if norm == "inf":
-        return tf.reduce_max(tf.reduce_sum(tf.abs(matrix), axis=0))
-    if norm == "1":
-        return tf.reduce_max(tf.reduce_sum(tf.abs(matrix), axis=1))
-    return tf.linalg.svd(matrix, compute_uv=False)[0]
 
 
 def _project_l1_rows(vectors, radius):
@@ -203,7 +196,7 @@ def evaluate_weight_perturbations(
             if not matches:
                 raise ValueError(f"layers: the kernel of {w.name!r} is not trainable; it cannot be perturbed here.")
             position[w.name] = matches[0]
-        base_norms = {w.name: float(_matrix_operator_norm(_matrix(w.kernels[0], w.kind), norm)) for w in targets}
+        base_norms = {w.name: float(operator_norm(_matrix(w.kernels[0], w.kind), norm)) for w in targets}
 
         def perturbed_values(deltas, order):
             values = [tf.convert_to_tensor(v) for v in trainable]
@@ -272,7 +265,7 @@ def evaluate_weight_perturbations(
                         else:
                             raw = rng.standard_normal(size=shape)
                         raw = tf.constant(raw, tf.float32)
-                        scale = radius / max(float(_matrix_operator_norm(raw, norm)), 1e-30)
+                        scale = radius / max(float(operator_norm(raw, norm)), 1e-30)
                         deltas.append(raw * scale)
                     total = sum(int(correct_count(deltas, x, y)) for x, y in batches())
                     draws.append(total / len(images))
