@@ -42,10 +42,11 @@ def main():
     ]
     scripts = _relative(glob.glob(os.path.join(REPO_ROOT, "examples", "*.py")) + glob.glob(os.path.join(REPO_ROOT, "benchmarks", "*.py")))
     script_names = [os.path.splitext(s)[0].replace("/", "_") for s in scripts]
+    support = [p for p in _relative(glob.glob(os.path.join(REPO_ROOT, "tests", "*.py"))) if not os.path.basename(p).startswith("test_")]
     for test in _relative(glob.glob(os.path.join(REPO_ROOT, "tests", "test_*.py"))):
         name = os.path.splitext(os.path.basename(test))[0]
         blocks.append(
-            f'py_test(\n    name = "{name}",\n    size = "large",\n    srcs = ["{test}"],\n    data = ["tests/conftest.py", "BUILD", "setup.py"],\n'
+            f'py_test(\n    name = "{name}",\n    size = "large",\n    srcs = ["{test}"],\n    data = {_list(support + ["BUILD", "setup.py"], 8)},\n'
             f'    main = "{test}",\n    deps = {_list([":keras_wssi"] + [f":{n}" for n in script_names] + _requirements(TEST_THIRD_PARTY))},\n)\n'
         )
     for script in scripts:
