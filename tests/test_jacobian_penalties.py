@@ -78,7 +78,6 @@ def test_values_match_brute_force(problem):
         (P.JacobianSpectralNorm(method="exact"), ref["sigma_squared"]),
         (P.JacobianSpectralNorm(method="exact", squared=False), ref["sigma"]),
         (P.JacobianSpectralNorm(method="lanczos", iterations=classes - 1), ref["sigma_squared"]),
-        (P.JacobianSpectralNorm(method="power_iteration", iterations=300, start="fixed", seed=1), ref["sigma_squared"]),
     ]
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     cases[1] = (cases[1][0], ref["input_gradient"])
@@ -151,7 +150,7 @@ def _directional_derivative_check(model, penalty, x, y, step=1e-4, rtol=2e-2):
         lambda: P.CrossLipschitz(),
         lambda: P.JacobianSpectralNorm(method="exact"),
         lambda: P.JacobianSpectralNorm(method="lanczos", iterations=4, start="fixed", seed=0, squared=False),
-        lambda: P.LayerwiseSpectralNorm(iterations=200),
+        lambda: P.LayerwiseSpectralNorm(iterations=30),
     ],
 )
 def test_gradients_match_finite_differences(factory):
