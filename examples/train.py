@@ -45,6 +45,9 @@ flags.DEFINE_list(
 )
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd", "momentum"], "Optimizer.")
 flags.DEFINE_float("learning_rate", 1e-3, "Learning rate.")
+flags.DEFINE_enum(
+    "lr_schedule", "constant", ["constant", "cosine"], "Learning-rate schedule: constant, or cosine decay to 0 over training."
+)
 flags.DEFINE_integer("epochs", 5, "Epochs.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling).")
@@ -82,7 +85,9 @@ def parse_penalties(specs):
     return penalties
 
 
-def make_optimizer(name, learning_rate):
+def make_optimizer(name, learning_rate, schedule="constant", total_steps=1):
+    if schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total_steps))
     if name == "adam":
         return keras.optimizers.Adam(learning_rate)
     if name == "sgd":
@@ -156,7 +161,12 @@ def train(output_dir=None):
     kwargs = {"hidden_units": tuple(int(v) for v in FLAGS.hidden_units)} if FLAGS.model == "mlp" else {}
     model = kw.architectures.build(FLAGS.model, input_shape=train_images.shape[1:], num_classes=10, **kwargs)
     model.compile(
-        optimizer=make_optimizer(FLAGS.optimizer, FLAGS.learning_rate),
+        optimizer=make_optimizer(
+            FLAGS.optimizer,
+            FLAGS.learning_rate,
+            FLAGS.lr_schedule,
+            total_steps=FLAGS.epochs * -(-len(train_images) // FLAGS.batch_size),
+        ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         regularizers=penalties,

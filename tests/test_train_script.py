@@ -25,7 +25,8 @@ def run_script(*args, timeout=900):
 def test_mnist_mlp_with_weissi_reaches_98_percent_and_writes_every_output(data_dir, tmp_path):
     output_dir = str(tmp_path / "run")
     result = run_script(
-        f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--epochs=4", "--penalties=weissi:1e-2", "--verbose=2"
+        f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--epochs=4", "--lr_schedule=cosine",
+        "--penalties=weissi:1e-2", "--verbose=2"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(output_dir, "metrics.json")) as handle:
@@ -35,7 +36,7 @@ def test_mnist_mlp_with_weissi_reaches_98_percent_and_writes_every_output(data_d
     assert np.isclose(metrics["generalization_gap_accuracy"], metrics["train_accuracy"] - metrics["test_accuracy"])
     # The measured input gradient respects the bound chain the theory gives.
     assert metrics["input_gradient_norm_max"] <= metrics["input_gradient_bound_spectral"] <= metrics["input_gradient_bound_frobenius"]
-    assert sorted(os.listdir(os.path.join(output_dir, "checkpoints"))) == [f"epoch{e:03d}.weights.h5" for e in (1, 2, 3)]
+    assert sorted(os.listdir(os.path.join(output_dir, "checkpoints"))) == [f"epoch{e:03d}.weights.h5" for e in (1, 2, 3, 4)]
     assert any(files for _, _, files in os.walk(os.path.join(output_dir, "logs")))
     assert not [f for f in os.listdir(output_dir) if ".tmp-" in f], "no temporary files left behind"
     model = keras.models.load_model(os.path.join(output_dir, "model.keras"))
