@@ -94,8 +94,8 @@ def power_iteration(matrices, u, iterations=1, epsilon=1e-12):
         `sigma = uᵀ W v` per matrix, differentiable through `W` only (the envelope theorem: at the fixed
         point, the derivative of σ is `u vᵀ`).
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}.")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
     held = tf.stop_gradient(matrices)
     u = tf.stop_gradient(u)
     v = None
