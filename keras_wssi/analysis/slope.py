@@ -78,15 +78,7 @@ def spectral_norm_from_jacobian(jacobian):
 
 
 def _per_example_jacobian(model, x):
-    jacobian_fn = getattr(linalg, "per_example_jacobian", None)
-    function = lambda t: tf.cast(model(t, training=False), tf.float32)  # noqa: E731
-    if jacobian_fn is not None:
-        return jacobian_fn(function, x)
-    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-        tape.watch(x)
-        outputs = function(x)
-        columns = tf.unstack(outputs, axis=-1)
-    return tf.stack([tape.gradient(c, x) for c in columns], axis=1)
+    return linalg.per_example_jacobian(lambda t: tf.cast(model(t, training=False), tf.float32), x)
 
 
 def _resolve_method(model, method):
