@@ -160,3 +160,61 @@ def test_measured_jacobian_inputs(x, shape):
     if values is not None:
         assert values.shape == (shape[0],) and np.all(np.isfinite(values))
     _expect_clear(lambda: kw.analysis.input_jacobian_spectral_norms(model, x), "x", "shape", "input", "Input")
+
+
+# ---- ε, iterations and step sizes of the other families -------------------------------------------------------------
+
+epsilon_lists = st.one_of(numbers, st.lists(numbers, max_size=3))
+
+
+@FUZZ
+@given(epsilons=epsilon_lists, name=st.sampled_from(["fgsm", "pgd", "pgd_l2", "bim", "mim", "madry", "cw", "", "FGSM"]))
+def test_attack_names_and_epsilons(epsilons, name):
+    from keras_wssi import evaluation
+
+    attack = _expect_clear(lambda: evaluation.get_attack(name), "attack", "Unknown", name or "name")
+    checked = _expect_clear(lambda: evaluation.attacks.check_epsilons(epsilons), "epsilons")
+    if checked is not None:
+        assert all(math.isfinite(e) and e >= 0 for e in checked)
+    del attack
+
+
+@FUZZ
+@given(epsilon=numbers, norm=st.one_of(st.sampled_from(["inf", "1", "2", "fro"]), numbers), layers=st.sampled_from([None, ["dense_0"], ["nope"], "dense_0", []]))
+def test_certificate_arguments(epsilon, norm, layers):
+    model = _tiny_model()
+    x = np.random.default_rng(0).random((5, 3, 3, 1)).astype(np.float32)
+    y = np.arange(5) % 3
+    result = _expect_clear(
+        lambda: kw.analysis.certified_accuracy(model, x, y, epsilon, norm=norm, layers=layers),
+        "epsilon", "norm", "layer", "nope",
+    )
+    if result is not None:
+        assert 0.0 <= result <= 1.0
+
+
+@FUZZ
+@given(epsilons=epsilon_lists, kind=st.sampled_from(["random", "adversarial", "other"]))
+def test_weight_perturbation_evaluation_arguments(epsilons, kind):
+    from keras_wssi.evaluation.weight_perturbation import evaluate_weight_perturbations
+
+    model = _tiny_model()
+    before = [w.copy() for w in model.get_weights()]
+    x = np.random.default_rng(0).random((6, 3, 3, 1)).astype(np.float32)
+    y = np.arange(6) % 3
+    curve = _expect_clear(
+        lambda: evaluate_weight_perturbations(model, x, y, epsilons, kind=kind, steps=2, num_draws=1),
+        "epsilon", "kind",
+    )
+    if curve is not None:
+        assert all(0.0 <= a <= 1.0 for a in curve["accuracy"])
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@FUZZ
+@given(iterations=numbers, h=numbers, projections=numbers)
+def test_jacobian_family_arguments(iterations, h, projections):
+    _expect_clear(lambda: kw.penalties.JacobianSpectralNorm(0.1, iterations=iterations), "iterations")
+    _expect_clear(lambda: kw.penalties.CURE(1.0, h=h), "h")
+    _expect_clear(lambda: kw.penalties.JacobianFrobenius(0.1, num_projections=projections), "num_projections")

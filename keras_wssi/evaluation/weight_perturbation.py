@@ -108,7 +108,11 @@ def steepest_ascent_vertex(gradient, radius, norm="inf"):
 def _validated_epsilons(epsilons):
     if np.isscalar(epsilons):
         epsilons = [epsilons]
-    epsilons = [validate_epsilon(e, "epsilons") for e in list(epsilons)]
+    try:
+        epsilons = list(epsilons)
+    except TypeError:
+        raise TypeError(f"epsilons must be a number or a list of numbers, got {epsilons!r}.") from None
+    epsilons = [validate_epsilon(e, "epsilons") for e in epsilons]
     if not epsilons:
         raise ValueError("epsilons must hold at least one radius.")
     return epsilons
