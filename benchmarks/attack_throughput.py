@@ -27,6 +27,7 @@ import tensorflow as tf  # noqa: E402
 from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent  # noqa: E402
 
 import keras_wssi as kw  # noqa: E402
+from benchmark_data import resolve_data_dir  # noqa: E402
 from keras_wssi import evaluation  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -41,15 +42,6 @@ flags.DEFINE_integer("nb_iter", 40, "PGD iterations.")
 flags.DEFINE_integer("reference_batch_size", 128, "Batch size of the reference loop (cleverhans tutorial: 128).")
 flags.DEFINE_integer("batch_size", 500, "Batch size of our runner.")
 flags.DEFINE_boolean("jit_compile", False, "XLA for our runner.")
-
-
-def _data_dir():
-    data_dir = FLAGS.data_dir or kw.data.default_data_dir()
-    if data_dir is None:
-        candidate = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                 "shared", "data")
-        data_dir = candidate if os.path.isdir(candidate) else None
-    return data_dir
 
 
 def _model(data_dir):
@@ -67,7 +59,7 @@ def _model(data_dir):
 
 def main(argv):
     del argv
-    data_dir = _data_dir()
+    data_dir = resolve_data_dir(FLAGS.data_dir)
     model, description = _model(data_dir)
     x_test, y_test = kw.data.load_arrays("mnist", "test", data_dir)
     x_test, y_test = np.array(x_test[: FLAGS.examples]), np.array(y_test[: FLAGS.examples])

@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_wssi as kw  # noqa: E402
+from benchmark_data import resolve_data_dir  # noqa: E402
 from keras_wssi import penalties as P  # noqa: E402
 
 # Case name → zero-argument factory returning a penalty or a list of penalties.
@@ -72,17 +73,8 @@ flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median round is repor
 flags.DEFINE_string("json_out", None, "Optional path for the results as JSON.")
 
 
-def _data_dir():
-    """--data_dir, else $KERAS_WSSI_DATA_DIR, else ../shared/data beside the repository, else None (tfds)."""
-    data_dir = FLAGS.data_dir or kw.data.default_data_dir()
-    if data_dir is None:
-        candidate = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data")
-        data_dir = candidate if os.path.isdir(candidate) else None
-    return data_dir
-
-
 def _images_and_labels(batch_size, steps):
-    images, labels = kw.data.load_arrays("mnist", "train", data_dir=_data_dir())
+    images, labels = kw.data.load_arrays("mnist", "train", data_dir=resolve_data_dir(FLAGS.data_dir))
     count = batch_size * steps
     return np.asarray(images[:count]), np.asarray(labels[:count])
 
@@ -222,7 +214,7 @@ def main(argv):
         run_timings(case_names)
     if FLAGS.spectral_error != "skip":
         names = [n for n in case_names if n.startswith("jacobian_spectral_norm")]
-        spectral_error_report(names, _data_dir(), FLAGS.spectral_error_examples, FLAGS.spectral_error_epochs)
+        spectral_error_report(names, resolve_data_dir(FLAGS.data_dir), FLAGS.spectral_error_examples, FLAGS.spectral_error_epochs)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ def main():
         f'py_library(\n    name = "keras_wssi",\n    srcs = {_list(sources)},\n    deps = {_list(_requirements(THIRD_PARTY))},\n)\n',
     ]
     scripts = _relative(glob.glob(os.path.join(REPO_ROOT, "examples", "*.py")) + glob.glob(os.path.join(REPO_ROOT, "benchmarks", "*.py")))
+    # Modules the scripts import (no __main__ block) are libraries of their own.
+    helpers = [p for p in scripts if "__main__" not in open(os.path.join(REPO_ROOT, p)).read()]
+    scripts = [p for p in scripts if p not in helpers]
     script_names = [os.path.splitext(s)[0].replace("/", "_") for s in scripts]
     support = [p for p in _relative(glob.glob(os.path.join(REPO_ROOT, "tests", "*.py"))) if not os.path.basename(p).startswith("test_")]
     for test in _relative(glob.glob(os.path.join(REPO_ROOT, "tests", "test_*.py"))):
@@ -49,9 +52,13 @@ def main():
             f'py_test(\n    name = "{name}",\n    size = "large",\n    srcs = ["{test}"],\n    data = {_list(support + ["BUILD", "setup.py"], 8)},\n'
             f'    main = "{test}",\n    deps = {_list([":keras_wssi"] + [f":{n}" for n in script_names] + _requirements(TEST_THIRD_PARTY))},\n)\n'
         )
+    helper_names = [os.path.splitext(h)[0].replace("/", "_") for h in helpers]
+    for helper, name in zip(helpers, helper_names):
+        blocks.append(f'py_library(\n    name = "{name}",\n    srcs = ["{helper}"],\n    deps = [":keras_wssi"],\n)\n')
     for script in scripts:
         name = os.path.splitext(script)[0].replace("/", "_")
-        blocks.append(f'py_binary(\n    name = "{name}",\n    srcs = ["{script}"],\n    main = "{script}",\n    deps = [":keras_wssi"],\n)\n')
+        deps = [":keras_wssi"] + [f":{n}" for h, n in zip(helpers, helper_names) if os.path.dirname(h) == os.path.dirname(script)]
+        blocks.append(f'py_binary(\n    name = "{name}",\n    srcs = ["{script}"],\n    main = "{script}",\n    deps = {_list(deps)},\n)\n')
     with open(os.path.join(REPO_ROOT, "BUILD"), "w") as handle:
         handle.write("\n".join(blocks))
 
