@@ -6,6 +6,7 @@ that are returned must be finite.
 """
 
 import math
+import os
 
 import keras
 import numpy as np
@@ -19,7 +20,14 @@ import keras_wssi as kw
 from keras_wssi import linalg
 from keras_wssi import regularizers as R
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# Derandomized: CI sees the same 60 cases every run (a new random failure would make CI flaky, not the code);
+# run with HYPOTHESIS_RANDOM=1 to explore fresh cases locally.
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=not os.environ.get("HYPOTHESIS_RANDOM"),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # Values a user might pass for a number: valid, out of range, non-finite, wrong type.
 numbers = st.one_of(
