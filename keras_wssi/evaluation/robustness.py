@@ -4,8 +4,8 @@ import json
 import os
 
 import numpy as np
-import tensorflow as tf
 
+from keras_wssi.analysis import jacobian as analysis_jacobian
 from keras_wssi.evaluation import attacks as attacks_module
 from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.evaluation.noise import noise_accuracy
@@ -65,8 +65,7 @@ def load_model(path):
 def jacobian_statistics(model, images, batch_size=64):
     """Per-example statistics of the logit Jacobian `J = ∂z/∂x`: σ_max (`||J||_2`) and `||J||_F`.
 
-    Uses the Jacobian tool of the Jacobian-penalty work, `keras_wssi.linalg.per_example_jacobian` (imported
-    lazily; the statistics are skipped with a note when it is absent), and an exact SVD per example.
+    Uses the full per-example Jacobian of `keras_wssi.analysis.input_jacobian` and an exact SVD per example.
 
     Args:
         model: a Keras classifier outputting logits.
@@ -74,8 +73,8 @@ def jacobian_statistics(model, images, batch_size=64):
         batch_size: examples per Jacobian computation (memory grows with `C × batch_size`).
 
     Returns:
-        `(statistics, note)`: a dict of means, medians and 90th percentiles (None when no Jacobian tool is
-        available) and a note saying which code computed it or why it is missing.
+        `(statistics, note)`: a dict of means, medians and 90th percentiles, and a note saying which code
+        computed it.
 
     Example:
 
@@ -87,25 +86,11 @@ def jacobian_statistics(model, images, batch_size=64):
     images = np.asarray(images, dtype=np.float32)
     if len(images) == 0:
         raise EvaluationError("jacobian_statistics needs at least one example, got an empty array.")
-    try:
-        from keras_wssi import linalg
-
-        per_example_jacobian = linalg.per_example_jacobian
-    except (ImportError, AttributeError):
-        return None, "Jacobian statistics skipped: keras_wssi.linalg.per_example_jacobian is not available."
-    source = "keras_wssi.linalg.per_example_jacobian + numpy SVD"
-
-    @tf.function(reduce_retracing=True)
-    def jacobian(x):
-        return per_example_jacobian(lambda t: tf.cast(model(t, training=False), tf.float32), x)
-
-    spectral, frobenius = [], []
-    for start in range(0, len(images), batch_size):
-        values = jacobian(tf.constant(images[start : start + batch_size])).numpy().astype(np.float64)
-        values = values.reshape(values.shape[0], values.shape[1], -1)
-        spectral.append(np.linalg.norm(values, ord=2, axis=(1, 2)))
-        frobenius.append(np.sqrt(np.square(values).sum(axis=(1, 2))))
-    spectral, frobenius = np.concatenate(spectral), np.concatenate(frobenius)
+    source = "keras_wssi.analysis.input_jacobian + numpy SVD"
+    jacobians = analysis_jacobian.input_jacobian(model, images, batch_size=batch_size)
+    jacobians = jacobians.reshape(jacobians.shape[0], jacobians.shape[1], -1)
+    spectral = np.linalg.norm(jacobians, ord=2, axis=(1, 2))
+    frobenius = np.sqrt(np.square(jacobians).sum(axis=(1, 2)))
     statistics = {"examples": len(images), "source": source}
     for key, values in (("spectral_norm", spectral), ("frobenius_norm", frobenius)):
         statistics[f"{key}_mean"] = float(values.mean())
