@@ -49,11 +49,23 @@ PENALTY_CASES = {
     "jacobian_frobenius": lambda: P.JacobianFrobenius(0.01, num_projections=1),
     "jacobian_frobenius_exact": lambda: P.JacobianFrobenius(0.01, num_projections=-1),
     "jacobian_spectral_norm": lambda: P.JacobianSpectralNorm(0.01),
+    "jacobian_spectral_norm_lanczos1": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=1),
     "jacobian_spectral_norm_lanczos2": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=2),
+    "jacobian_spectral_norm_lanczos3": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=3),
     "jacobian_spectral_norm_lanczos4": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=4),
     "jacobian_spectral_norm_lanczos6": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=6),
     "jacobian_spectral_norm_power1": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=1),
+    "jacobian_spectral_norm_power2": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=2),
     "jacobian_spectral_norm_power4": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=4),
+    "jacobian_spectral_norm_lanczos2_loss_gradient": lambda: P.JacobianSpectralNorm(
+        0.01, method="lanczos", iterations=2, start="loss_gradient"),
+    "jacobian_spectral_norm_lanczos3_loss_gradient": lambda: P.JacobianSpectralNorm(
+        0.01, method="lanczos", iterations=3, start="loss_gradient"),
+    "jacobian_spectral_norm_lanczos1_warm": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=1, start="warm"),
+    "jacobian_spectral_norm_lanczos2_warm": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=2, start="warm"),
+    "jacobian_spectral_norm_lanczos3_warm": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=3, start="warm"),
+    "jacobian_spectral_norm_power2_warm": lambda: P.JacobianSpectralNorm(
+        0.01, method="power_iteration", iterations=2, start="warm"),
     "jacobian_spectral_norm_exact": lambda: P.JacobianSpectralNorm(0.01, method="exact"),
     "layerwise_spectral_norm": lambda: P.LayerwiseSpectralNorm(0.01),
     "layerwise_spectral_norm_operator": lambda: P.LayerwiseSpectralNorm(0.01, conv_norm="operator"),

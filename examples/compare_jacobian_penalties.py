@@ -35,6 +35,7 @@ CONFIGS = {
     "input_gradient": lambda: [P.InputGradient(0.5)],
     "jacobian_frobenius": lambda: [P.JacobianFrobenius(0.05, num_projections=1)],
     "jacobian_spectral_norm": lambda: [P.JacobianSpectralNorm(0.01)],
+    "jacobian_spectral_norm_exact": lambda: [P.JacobianSpectralNorm(0.01, method="exact")],
     "layerwise_spectral_norm": lambda: [P.LayerwiseSpectralNorm(0.01)],
     "cure": lambda: [P.CURE(1.0, h=0.5)],
     "cross_lipschitz": lambda: [P.CrossLipschitz(0.05)],

@@ -234,26 +234,39 @@ def jacobian_penalty_report(model, x, y, cure_h=0.5, batch_size=128):
     }
 
 
-def jacobian_spectral_norm_estimates(model, x, y, penalty, batch_size=128):
+def jacobian_spectral_norm_estimates(model, x, y, penalty, batch_size=128, warm_up=True):
     """`(estimate, exact)` per-example `σ_max(J)`: what `penalty` (a `JacobianSpectralNorm`) computes in a step
-    on this data, and the SVD of the full Jacobian (float64). Used to report the estimate's error."""
+    on this data, and the SVD of the full Jacobian (float64). Used to report the estimate's error.
+
+    With `start="warm"` the batches are processed as in training, each one's estimate starting from the state
+    the earlier batches left (and updating it); `warm_up=True` first runs one pass over the data so that the
+    first batches do not start cold, as after the first training steps."""
     from keras_wssi.penalties.base import PenaltyContext  # Analysis reads penalties, not the other way round.
 
     x = np.asarray(x)
     if not penalty.built:
         penalty.build(model)
+    warm = getattr(penalty, "start", None) == "warm"
 
     @tf.function(reduce_retracing=True)
     def estimate(batch, labels):
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             tape.watch(batch)
             logits = model(batch, training=False)
-        context = PenaltyContext(model, batch, labels, None, logits, False, input_tape=tape)
+        # `training` of the context only decides whether a warm start's state is updated.
+        context = PenaltyContext(model, batch, labels, None, logits, warm, input_tape=tape)
         return penalty.sigma_squared(context)
 
     y = np.asarray(y)
-    estimates = np.concatenate(
-        [estimate(tf.constant(x[i : i + batch_size]), tf.constant(y[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
-    )
+
+    def one_pass():
+        return np.concatenate(
+            [estimate(tf.constant(x[i : i + batch_size]), tf.constant(y[i : i + batch_size])).numpy()
+             for i in range(0, len(x), batch_size)]
+        )
+
+    if warm and warm_up:
+        one_pass()
+    estimates = one_pass()
     exact = np.linalg.svd(_flat(input_jacobian(model, x, batch_size=batch_size)), compute_uv=False)[:, 0]
     return np.sqrt(np.maximum(estimates.astype(np.float64), 0.0)), exact
