@@ -33,8 +33,18 @@ def test_every_module_is_in_a_library_and_every_test_has_a_target():
     assert modules - library_sources == set(), "modules missing from BUILD py_library srcs"
     assert library_sources - modules == set(), "BUILD lists files that do not exist"
     tests = {os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "tests", "test_*.py"))}
-    test_sources = {src for kind, args in targets.values() if kind == "py_test" for src in args.get("srcs", [])}
-    assert tests == test_sources, f"py_test targets differ from test files: {sorted(tests ^ test_sources)}"
+    test_mains = {args["main"] for kind, args in targets.values() if kind == "py_test"}
+    assert tests == test_mains, f"py_test targets differ from test files: {sorted(tests ^ test_mains)}"
+    for kind, args in targets.values():
+        if kind != "py_test":
+            continue
+        # A test that imports helpers from another test file must carry that file in its srcs.
+        with open(os.path.join(REPO_ROOT, args["main"])) as handle:
+            tree = ast.parse(handle.read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        for module in imported:
+            if module.startswith("test_"):
+                assert f"tests/{module}.py" in args["srcs"], (args["name"], module)
     for kind, args in targets.values():
         for dependency in args.get("deps", []):
             if dependency.startswith(":"):

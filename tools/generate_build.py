@@ -7,6 +7,7 @@ example or benchmark script. Third-party requirements resolve through `requireme
 pip integration (`@pypi`), as in a standard `MODULE.bazel` with `pip.parse(hub_name = "pypi", ...)`.
 """
 
+import ast
 import glob
 import os
 
@@ -26,6 +27,23 @@ def _list(values, indent=8):
 
 def _requirements(names):
     return [f'@pypi//{n.replace("-", "_")}' for n in names]
+
+
+def sibling_test_modules(test):
+    """The other `tests/test_*.py` files a test imports (helpers shared between test files), transitively."""
+    found, pending = [], [test]
+    while pending:
+        with open(os.path.join(REPO_ROOT, pending.pop())) as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            for module in names:
+                path = f"tests/{module}.py"
+                if module.startswith("test_") and path != test and path not in found and os.path.exists(os.path.join(REPO_ROOT, path)):
+                    found.append(path)
+                    pending.append(path)
+    return sorted(found)
 
 
 def main():
@@ -48,8 +66,9 @@ def main():
     support = [p for p in _relative(glob.glob(os.path.join(REPO_ROOT, "tests", "*.py"))) if not os.path.basename(p).startswith("test_")]
     for test in _relative(glob.glob(os.path.join(REPO_ROOT, "tests", "test_*.py"))):
         name = os.path.splitext(os.path.basename(test))[0]
+        sources = [test] + sibling_test_modules(test)
         blocks.append(
-            f'py_test(\n    name = "{name}",\n    size = "large",\n    srcs = ["{test}"],\n    data = {_list(support + ["BUILD", "setup.py"], 8)},\n'
+            f'py_test(\n    name = "{name}",\n    size = "large",\n    srcs = {_list(sources, 8)},\n    data = {_list(support + ["BUILD", "setup.py"], 8)},\n'
             f'    main = "{test}",\n    deps = {_list([":keras_wssi"] + [f":{n}" for n in script_names] + _requirements(TEST_THIRD_PARTY))},\n)\n'
         )
     helper_names = [os.path.splitext(h)[0].replace("/", "_") for h in helpers]
