@@ -27,7 +27,9 @@ import keras_wssi as kw  # noqa: E402
 from benchmark_data import resolve_data_dir  # noqa: E402
 from keras_wssi import penalties as P  # noqa: E402
 
-# Case name → zero-argument factory returning a penalty or a list of penalties.
+# Case name → zero-argument factory returning a penalty or a list of penalties. Spectral cases name their start
+# vector: no suffix = "random", "_warm" = the per-class warm start, "_loss_gradient" = p − e_y;
+# "jacobian_spectral_norm" is the penalty's default (Lanczos-3 from the warm start for 10 classes).
 PENALTY_CASES = {
     "l2": lambda: P.WeightDecay(1e-4, p=2),
     "l1": lambda: P.WeightDecay(1e-5, p=1),
@@ -49,14 +51,22 @@ PENALTY_CASES = {
     "jacobian_frobenius": lambda: P.JacobianFrobenius(0.01, num_projections=1),
     "jacobian_frobenius_exact": lambda: P.JacobianFrobenius(0.01, num_projections=-1),
     "jacobian_spectral_norm": lambda: P.JacobianSpectralNorm(0.01),
-    "jacobian_spectral_norm_lanczos1": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=1),
-    "jacobian_spectral_norm_lanczos2": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=2),
-    "jacobian_spectral_norm_lanczos3": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=3),
-    "jacobian_spectral_norm_lanczos4": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=4),
-    "jacobian_spectral_norm_lanczos6": lambda: P.JacobianSpectralNorm(0.01, method="lanczos", iterations=6),
-    "jacobian_spectral_norm_power1": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=1),
-    "jacobian_spectral_norm_power2": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=2),
-    "jacobian_spectral_norm_power4": lambda: P.JacobianSpectralNorm(0.01, method="power_iteration", iterations=4),
+    "jacobian_spectral_norm_lanczos1": lambda: P.JacobianSpectralNorm(
+        0.01, method="lanczos", iterations=1, start="random"),
+    "jacobian_spectral_norm_lanczos2": lambda: P.JacobianSpectralNorm(
+        0.01, method="lanczos", iterations=2, start="random"),
+    "jacobian_spectral_norm_lanczos3": lambda: P.JacobianSpectralNorm(
+        0.01, method="lanczos", iterations=3, start="random"),
+    "jacobian_spectral_norm_lanczos4": lambda: P.JacobianSpectralNorm(
+        0.01, method="lanczos", iterations=4, start="random"),
+    "jacobian_spectral_norm_lanczos6": lambda: P.JacobianSpectralNorm(
+        0.01, method="lanczos", iterations=6, start="random"),
+    "jacobian_spectral_norm_power1": lambda: P.JacobianSpectralNorm(
+        0.01, method="power_iteration", iterations=1, start="random"),
+    "jacobian_spectral_norm_power2": lambda: P.JacobianSpectralNorm(
+        0.01, method="power_iteration", iterations=2, start="random"),
+    "jacobian_spectral_norm_power4": lambda: P.JacobianSpectralNorm(
+        0.01, method="power_iteration", iterations=4, start="random"),
     "jacobian_spectral_norm_lanczos2_loss_gradient": lambda: P.JacobianSpectralNorm(
         0.01, method="lanczos", iterations=2, start="loss_gradient"),
     "jacobian_spectral_norm_lanczos3_loss_gradient": lambda: P.JacobianSpectralNorm(

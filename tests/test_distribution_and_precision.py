@@ -16,8 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PENALTY_NAMES = sorted(kw.penalties.registered_penalties())
 
 # Penalties that are per replica by design, with the weight tolerance kept (None: only finiteness):
-# - random projections / random power-iteration starts: each replica draws its own vectors, so the runs agree
-#   in distribution, not step by step (the spectral norm's start only moves unconverged last digits);
+# - random projections: each replica draws its own vectors, so the runs agree in distribution, not step by step;
+# - the spectral norm's warm start: its per-class vectors are updated from replica 0's half batch (aggregation
+#   only_first_replica), so later steps start elsewhere than on one device (1.4e-4 measured after 3 steps);
 # - SAM: the ascent step ε̂ uses each replica's own gradient ("m-sharpness" with m = the per-replica batch,
 #   as in Foret et al.'s multi-device implementation), so its sharpness metric is a per-replica quantity.
 RANDOMIZED = {
