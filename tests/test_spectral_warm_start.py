@@ -31,6 +31,12 @@ def test_start_from_the_top_singular_vector_is_exact_and_unseen_classes_use_the_
     initial = penalty._warm_state.numpy()
     np.testing.assert_allclose(start, initial[np.argmax(logits.numpy(), axis=-1)])
     np.testing.assert_allclose(np.linalg.norm(initial, axis=-1), 1.0, rtol=1e-6)
+    # Reproducible without a seed (runs and replicas agree), different with another seed.
+    same, zero, other = (P.JacobianSpectralNorm(start="warm", seed=s) for s in (None, 0, 1))
+    for p in (same, zero, other):
+        p.build(model)
+    np.testing.assert_array_equal(same._warm_state.numpy(), zero._warm_state.numpy())
+    assert not np.allclose(other._warm_state.numpy(), same._warm_state.numpy())
     # With v_c = u for the example's predicted class, one power step from u gives σ_max² exactly.
     state = initial.copy()
     state[predicted] = top

@@ -467,7 +467,9 @@ class JacobianSpectralNorm(_RandomPenalty):
         """Per predicted class `c`, a unit vector `v_c` (`(C, C)`) tracking the final vectors of earlier training
         steps' examples predicted as `c`, and whether `c` has been seen (`(C,)`); created once."""
         if self._warm_state is None:
-            generator = np.random.default_rng(self.seed)
+            # Deterministic even without a seed: a class's vector only serves as its start until the class is first
+            # seen, and a fixed one keeps runs (and replicas) reproducible.
+            generator = np.random.default_rng(0 if self.seed is None else self.seed)
             initial = generator.standard_normal((num_classes, num_classes)).astype(np.float32)
             initial /= np.linalg.norm(initial, axis=-1, keepdims=True)
             self._warm_state = keras.Variable(
