@@ -465,18 +465,15 @@ class JacobianSpectralNorm(_RandomPenalty):
 
     def _warm_state_for(self, num_classes):
         """Per predicted class `c`, a unit vector `v_c` (`(C, C)`) tracking the final vectors of earlier training
-        steps' examples predicted as `c`, and whether `c` has been seen (`(C,)`); created once."""
+        steps' examples predicted as `c`; a zero row is a class not seen yet. Created once."""
         if self._warm_state is None:
-            # Deterministic even without a seed: a class's vector only serves as its start until the class is first
-            # seen, and a fixed one keeps runs (and replicas) reproducible.
+            # A class not seen yet starts from a fixed random unit vector: deterministic even without a seed, so runs
+            # (and replicas) agree.
             generator = np.random.default_rng(0 if self.seed is None else self.seed)
             initial = generator.standard_normal((num_classes, num_classes)).astype(np.float32)
-            initial /= np.linalg.norm(initial, axis=-1, keepdims=True)
+            self._warm_initial = initial / np.linalg.norm(initial, axis=-1, keepdims=True)
             self._warm_state = keras.Variable(
-                initial, trainable=False, name=f"{self.name}_warm_start", aggregation="only_first_replica"
-            )
-            self._warm_seen = keras.Variable(
-                np.zeros(num_classes, np.float32), trainable=False, name=f"{self.name}_warm_seen",
+                np.zeros((num_classes, num_classes), np.float32), trainable=False, name=f"{self.name}_warm_start",
                 aggregation="only_first_replica",
             )
         if self._warm_state.shape[0] != num_classes:
@@ -485,30 +482,32 @@ class JacobianSpectralNorm(_RandomPenalty):
             )
         return self._warm_state
 
+    def _warm_vectors(self, num_classes):
+        """`v_c` of every class, the initial vector where the class has not been seen, `(C, C)`."""
+        state = self._warm_state_for(num_classes).value
+        unseen = tf.reduce_all(tf.equal(state, 0.0), axis=-1, keepdims=True)
+        return tf.where(unseen, tf.constant(self._warm_initial), state)
+
     def _warm_start_vectors(self, logits):
-        state = self._warm_state_for(logits.shape[-1])
         classes = tf.argmax(tf.stop_gradient(logits), axis=-1, output_type=tf.int32)
-        return tf.gather(state.value, classes)
+        return tf.gather(self._warm_vectors(logits.shape[-1]), classes)
 
     def _update_warm_state(self, logits, vectors):
         """`v_c ← normalize(d·v_c + (1 − d)·a_c)`, `a_c` the mean of this batch's final vectors of class `c`, each
-        signed to agree with `v_c` (a singular vector's sign is arbitrary); `v_c ← a_c` the first time `c` is seen."""
-        state, seen = self._warm_state, self._warm_seen
+        signed to agree with the class's start vector (a singular vector's sign is arbitrary). An unseen class has
+        `v_c = 0`, so its first update is `a_c` itself."""
+        state = self._warm_state
         classes = tf.argmax(tf.stop_gradient(logits), axis=-1, output_type=tf.int32)
         vectors = tf.stop_gradient(vectors)
-        current = tf.gather(state.value, classes)
+        current = tf.gather(self._warm_vectors(logits.shape[-1]), classes)
         signs = tf.where(tf.reduce_sum(vectors * current, axis=-1, keepdims=True) < 0.0, -1.0, 1.0)
         members = tf.one_hot(classes, logits.shape[-1], dtype=tf.float32)
         counts = tf.reduce_sum(members, axis=0)
         means = tf.einsum("bk,bc->kc", members, signs * vectors) / tf.maximum(counts, 1.0)[:, tf.newaxis]
-        first = (seen.value == 0.0)[:, tf.newaxis]
-        blended = tf.where(first, means, self.warm_decay * state.value + (1.0 - self.warm_decay) * means)
-        present = (counts > 0)[:, tf.newaxis]
-        updated = linalg.l2_normalize(blended, axis=-1)
-        # A class whose signed mean cancels to ~0 keeps its vector.
-        usable = present & (linalg.safe_norm(blended, axis=-1, keepdims=True) > 1e-6)
-        state.assign(tf.where(usable, updated, state.value))
-        seen.assign(tf.where(counts > 0, tf.ones_like(seen.value), seen.value))
+        blended = self.warm_decay * state.value + (1.0 - self.warm_decay) * means
+        # Classes absent from the batch, or whose signed mean cancels to ~0, keep their vector.
+        usable = (counts > 0)[:, tf.newaxis] & (linalg.safe_norm(blended, axis=-1, keepdims=True) > 1e-6)
+        state.assign(tf.where(usable, linalg.l2_normalize(blended, axis=-1), state.value))
 
     def _start_vectors(self, context, logits):
         batch, num_classes = tf.shape(logits)[0], logits.shape[-1]
