@@ -8,6 +8,7 @@ import math
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from keras_wssi import architectures
 from keras_wssi import data
@@ -221,3 +222,38 @@ def test_bad_input_gets_clear_errors(trained):
         compiled_attacks.attack_runs(evaluation.get_attack("apgd_t"), 0, 3)
     with pytest.raises(evaluation.EvaluationError, match="Square attack needs image"):
         compiled_attacks.square_image_shape((10,))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fab_finds_the_exact_boundary_of_a_linear_model(norm):
+    # For logits z = Wx + b the boundary between y and t is a hyperplane, so its distance is exact:
+    # |z_y − z_t| / ||w_y − w_t||_dual (dual norm: L1 for L∞, L2 for L2). FAB-T (targeted at the second most likely
+    # class) must find a point at that distance, up to its extrapolation η = 1.05 and the backward steps (β = 0.9),
+    # never closer than the nearest boundary of any class. A wide box keeps the box constraint inactive.
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(20, 10)).astype(np.float32)
+    b = rng.normal(size=10).astype(np.float32)
+    x = rng.normal(size=(32, 20)).astype(np.float32)
+    logits = x @ w + b
+    y = logits.argmax(axis=1).astype(np.int32)
+    target = np.argsort(-logits, axis=1)[:, 1]
+    dual = 1 if norm == "linf" else 2
+    rows = np.arange(32)
+    gaps = logits[rows, y][:, None] - logits
+    directions = np.linalg.norm((w[:, y].T[:, :, None] - w[None, :, :]), ord=dual, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distances = np.where(np.arange(10)[None, :] == y[:, None], np.inf, gaps / directions)
+    to_target = distances[rows, target]
+    nearest = distances.min(axis=1)
+
+    def logits_fn(z):
+        return tf.matmul(z, w) + b
+
+    x_out, correct, _ = compiled_attacks.fab_batch(
+        logits_fn, x, y, tf.range(32), 100.0, tf.constant(0, tf.int64), 2, 30, norm=norm, clip_min=-100.0,
+        clip_max=100.0,
+    )
+    found = _norms(x_out.numpy() - x, norm)
+    assert not np.any(correct.numpy())
+    assert np.all(found >= nearest * (1 - 1e-4))
+    assert np.all(found <= to_target * 1.06)
