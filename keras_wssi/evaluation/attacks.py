@@ -14,8 +14,12 @@ Every gradient attack here is cleverhans 4.0.0's own function (`cleverhans.tf2.a
   results do not depend on batch size or on graph-versus-eager execution (`seeded_random_start`).
 
 cleverhans 4.0.0's `carlini_wagner_l2` and `spsa` do not run on Keras 3 (Keras-2 optimizer API), so
-`"cw_l2"` (Carlini & Wagner L2) and `"square"` (Square attack, gradient-free, L∞) come from the
+`"cw_l2"` (Carlini & Wagner L2) and `"square"` / `"square_l2"` (Square attack, gradient-free) come from the
 Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`), imported lazily.
+
+The attacks of the AutoAttack-style ensemble are keras_wssi's own (`library == "keras_wssi"`, computed by
+`keras_wssi/evaluation/compiled_attacks.py`): `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"` (each also
+`"…_l2"`) and `"square_compiled"` (and `"square_compiled_l2"`).
 """
 
 import contextlib
@@ -51,7 +55,8 @@ class Attack:
 
     Attributes:
         name: the name it is reported under (`"pgd"`, `"fgsm"`, …).
-        method: `"fgm"`, `"pgd"`, `"bim"`, `"mim"`, `"madry"` (cleverhans), `"cw_l2"` or `"square"` (ART).
+        method: `"fgm"`, `"pgd"`, `"bim"`, `"mim"`, `"madry"` (cleverhans), `"cw_l2"` or `"square"` (ART),
+            `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"`, `"square_compiled"` (keras_wssi's own).
         norm: `"linf"` or `"l2"`: the ball `ε` measures.
         nb_iter: iterations of the iterative attacks.
         step_size: step per iteration as a multiple of `ε` (`eps_iter = step_size * ε`); None uses
@@ -197,6 +202,7 @@ ATTACKS = {
     "fab_t": ("fab_t", "linf", {"nb_iter": 100}),
     "fab_t_l2": ("fab_t", "l2", {"nb_iter": 100}),
     "square_compiled": ("square_compiled", "linf", {"nb_iter": 5000}),
+    "square_compiled_l2": ("square_compiled", "l2", {"nb_iter": 5000}),
 }
 
 # method: the function that computes it.
@@ -228,9 +234,13 @@ def get_attack(name, **settings):
 
     Args:
         name: one of `ATTACKS`: `"fgsm"`, `"fgm_l2"`, `"pgd"`, `"pgd_l2"`, `"bim"`, `"mim"`, `"madry"`
-            (cleverhans) or `"cw_l2"`, `"square"` (ART, optional extra). An `Attack` is returned as is.
+            (cleverhans), `"cw_l2"`, `"square"`, `"square_l2"` (ART, optional extra), or keras_wssi's own
+            `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"`, `"square_compiled"` (and each `"…_l2"`). An `Attack` is
+            returned as is.
         **settings: `Attack` fields (`nb_iter`, `step_size`, `rand_init`, `restarts`, `decay_factor`,
-            `loss`); unknown fields go to the ART attack's constructor for `"cw_l2"` and `"square"`.
+            `loss`); unknown fields go to the ART attack's constructor for `"cw_l2"` and `"square"`; the own
+            attacks take `rho` (APGD), `n_targets` (APGD-T, FAB-T), `alpha_max`, `eta`, `beta` (FAB-T), `p_init`
+            (Square).
 
     Returns:
         An `Attack`.

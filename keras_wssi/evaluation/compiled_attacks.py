@@ -489,13 +489,13 @@ def _margin(logits, y):
 
 def square_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="linf", p_init=0.8, clip_min=0.0,
                  clip_max=1.0):
-    """Square attack (L∞, margin loss, Andriushchenko et al. 2020) on one batch; call inside a `tf.function`.
+    """Square attack (L∞ or L2, margin loss, Andriushchenko et al. 2020) on one batch; call inside a `tf.function`.
 
     Args:
         logits_fn, x, y, indices, eps, key: as in `apgd_batch`.
         target_rank: unused (untargeted).
-        n_iter: queries per example (the initial stripes count as one).
-        norm: `"linf"` only.
+        n_iter: queries per example (the initial stripes / tiles count as one).
+        norm: `"linf"` or `"l2"` (see `_square_l2_batch`).
         p_init: initial fraction of pixels in a window.
         clip_min, clip_max: the box.
 
@@ -504,8 +504,10 @@ def square_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="
         and queries (forward passes) spent per example: an example stops being queried once it is fooled.
     """
     del target_rank
+    if norm == "l2":
+        return _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_min, clip_max)
     if norm != "linf":
-        raise EvaluationError(f"keras_wssi's Square attack is L∞ only, got norm={norm!r}.")
+        raise EvaluationError(f"keras_wssi's Square attack is L∞ or L2, got norm={norm!r}.")
     x = tf.convert_to_tensor(x, tf.float32)
     eps = tf.cast(eps, tf.float32)
     shape = tf.shape(x)
@@ -538,6 +540,135 @@ def square_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="
         unchanged = tf.reduce_all(tf.abs(_flat(proposal - best)) < 1e-7, axis=1)
         flipped = tf.where(window, tf.clip_by_value(image - eps * signs, clip_min, clip_max), best)
         proposal = tf.where(_per_example(unchanged, proposal), flipped, proposal)
+        new_margin = margin_of(proposal)
+        accept = active & (new_margin < margin)
+        best = tf.where(_per_example(accept, best), proposal, best)
+        margin = tf.where(accept, new_margin, margin)
+        return i + 1, best, margin, queries + tf.cast(active, tf.int32)
+
+    state = (tf.constant(0), best, margin, tf.ones([batch], tf.int32))
+    _, best, margin, queries = tf.while_loop(
+        lambda i, *rest: i < n_iter - 1, body, state, maximum_iterations=max(n_iter - 1, 0)
+    )
+    return tf.reshape(best, shape), margin > 0, queries
+
+
+def _eta_rectangles(rows, cols):
+    delta = np.zeros([rows, cols])
+    centre_row, centre_col = rows // 2 + 1, cols // 2 + 1
+    corner = [centre_row - 1, centre_col - 1]
+    for counter in range(max(centre_row, centre_col)):
+        delta[max(corner[0], 0):min(corner[0] + 2 * counter + 1, rows),
+              max(0, corner[1]):min(corner[1] + 2 * counter + 1, cols)] += 1.0 / (counter + 1) ** 2
+        corner[0] -= 1
+        corner[1] -= 1
+    return delta / np.sqrt(np.square(delta).sum())
+
+
+def square_l2_pattern(side):
+    """The L2 Square attack's `side × side` window pattern (reference `eta`): two opposite-signed pyramids, unit norm."""
+    delta = np.zeros([side, side])
+    delta[: side // 2] = _eta_rectangles(side // 2, side)
+    delta[side // 2:] = -_eta_rectangles(side - side // 2, side)
+    return (delta / np.sqrt(np.square(delta).sum())).astype(np.float32)
+
+
+def _place(patterns, pattern_index, top, left, transpose, height, width):
+    """Per example, pattern `pattern_index` (padded `(k, S, S)` stack), transposed where `transpose`, placed with
+    its corner at `(top, left)` of an `(height, width)` grid; zero outside. Returns `(batch, height, width)`."""
+    stack = tf.gather(patterns, pattern_index)
+    stack = tf.where(transpose[:, None, None], tf.transpose(stack, [0, 2, 1]), stack)
+    size = patterns.shape[1]
+    rows = tf.range(height)[None, :] - top[:, None]
+    cols = tf.range(width)[None, :] - left[:, None]
+    inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
+    picked = tf.gather(stack, tf.clip_by_value(rows, 0, size - 1), axis=1, batch_dims=1)
+    picked = tf.gather(picked, tf.clip_by_value(cols, 0, size - 1), axis=2, batch_dims=1)
+    return tf.where(inside, picked, 0.0)
+
+
+def _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_min, clip_max):
+    """Square attack, L2 (Andriushchenko et al. 2020, the reference code's `attack_single_run` for L2).
+
+    Start: a grid of `h//5`-pixel tiles, each the pyramid pattern with a random sign per channel, scaled to the
+    ε-sphere. Each query moves the perturbation's mass from a random window 2 into window 1 (side `s ≥ 3`, odd,
+    from the `p` schedule): window 1 gets the old content normalised plus a new random-signed pattern, rescaled
+    so that the total stays on the ε-sphere; kept when the margin drops. Positions, signs and transpositions are
+    drawn per example (the reference code draws one position per batch).
+    """
+    x = tf.convert_to_tensor(x, tf.float32)
+    eps = tf.cast(eps, tf.float32)
+    shape = tf.shape(x)
+    batch = shape[0]
+    height, width, channels = square_image_shape(x.shape[1:])
+    image = tf.reshape(x, [batch, height, width, channels])
+    features = height * width * channels
+
+    def per_image_norm(values):
+        return tf.sqrt(tf.reduce_sum(tf.square(values), axis=[1, 2, 3], keepdims=True))
+
+    def margin_of(point):
+        return _margin(logits_fn(tf.reshape(point, shape)), y)
+
+    # Initial tiles.
+    tile = max(height // 5, 1)
+    offset = (height - tile * 5) // 2
+    tile_pattern = tf.constant(square_l2_pattern(tile)[None] if tile >= 2 else np.ones([1, 1, 1], np.float32))
+    spots = [(offset + i * tile, offset + j * tile) for i in range(height // tile) for j in range(width // tile)
+             if offset + i * tile + tile <= height and offset + j * tile + tile <= width]
+    draws = _uniform(key, indices, 0, len(spots) * (channels + 1))
+    delta = tf.zeros_like(image)
+    for number, (top, left) in enumerate(spots):
+        column = number * (channels + 1)
+        placed = _place(tile_pattern, tf.zeros([batch], tf.int32), tf.fill([batch], top), tf.fill([batch], left),
+                        draws[:, column] < 0.5, height, width)
+        signs = tf.where(draws[:, column + 1:column + 1 + channels] < 0.5, -1.0, 1.0)[:, None, None, :]
+        delta = delta + placed[:, :, :, None] * signs
+    best = tf.clip_by_value(image + eps * delta / tf.maximum(per_image_norm(delta), 1e-12), clip_min, clip_max)
+    margin = margin_of(best)
+
+    sides = []
+    for side in square_window_sizes(n_iter, (height, width, channels), p_init):
+        side = max(side, 3)
+        side += 1 - side % 2
+        sides.append(min(side, min(height, width)))
+    distinct = sorted(set(sides))
+    largest = distinct[-1]
+    patterns = np.zeros([len(distinct), largest, largest], np.float32)
+    for number, side in enumerate(distinct):
+        patterns[number, :side, :side] = square_l2_pattern(side)
+    patterns = tf.constant(patterns)
+    side_of = tf.constant(sides, tf.int32)
+    pattern_of = tf.constant([distinct.index(side) for side in sides], tf.int32)
+    rows = tf.range(height)[None, :, None, None]
+    cols = tf.range(width)[None, None, :, None]
+
+    def window(top, left, side):
+        top, left = top[:, None, None, None], left[:, None, None, None]
+        return tf.cast((rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side), tf.float32)
+
+    def body(i, best, margin, queries):
+        active = margin > 0
+        side = side_of[i]
+        draws = _uniform(key, indices, i + 1, 5 + channels)
+        span = tf.cast(height - side + 1, tf.float32), tf.cast(width - side + 1, tf.float32)
+        top = tf.cast(tf.floor(draws[:, 0] * span[0]), tf.int32)
+        left = tf.cast(tf.floor(draws[:, 1] * span[1]), tf.int32)
+        top2 = tf.cast(tf.floor(draws[:, 2] * span[0]), tf.int32)
+        left2 = tf.cast(tf.floor(draws[:, 3] * span[1]), tf.int32)
+        signs = tf.where(draws[:, 5:] < 0.5, -1.0, 1.0)[:, None, None, :]
+        first, second = window(top, left, side), window(top2, left2, side)
+        delta = best - image
+        norm_first = tf.sqrt(tf.reduce_sum(tf.square(delta * first), axis=[1, 2], keepdims=True))  # per channel
+        norm_image = per_image_norm(delta)
+        norm_windows = per_image_norm(delta * tf.maximum(first, second))
+        pattern = _place(patterns, tf.fill([batch], pattern_of[i]), top, left, draws[:, 4] < 0.5, height, width)
+        new = pattern[:, :, :, None] * signs + delta * first / (1e-12 + norm_first)
+        new_norm = tf.sqrt(tf.reduce_sum(tf.square(new * first), axis=[1, 2], keepdims=True))
+        budget = tf.sqrt(tf.maximum(tf.square(eps) - tf.square(norm_image), 0.0) / channels + tf.square(norm_windows))
+        new = new * first / (1e-12 + new_norm) * budget
+        delta = delta * (1.0 - second) * (1.0 - first) + new
+        proposal = tf.clip_by_value(image + eps * delta / tf.maximum(per_image_norm(delta), 1e-12), clip_min, clip_max)
         new_margin = margin_of(proposal)
         accept = active & (new_margin < margin)
         best = tf.where(_per_example(accept, best), proposal, best)

@@ -12,8 +12,8 @@ Versions (L∞ and L2):
   FAB-T (100 iterations, 9 targets), Square (5,000 queries).
 - `"fast"`: APGD-CE (100), APGD-T (100, 3 targets), Square (1,000 queries).
 
-Square is keras_wssi's own compiled L∞ attack; for L2 the ensemble uses ART's `SquareAttack` (there is no own L2
-Square yet), and says so in each attack's `implementation`.
+Every attack of both versions is keras_wssi's own compiled code; ART's and cleverhans's attacks can be added by
+name (`attacks=[...]`), and each attack's `implementation` field says which code produced its number.
 """
 
 import json
@@ -53,7 +53,7 @@ ATTACK_NAMES = {
     "fab_t": "FAB-T",
     "square_compiled": "Square",
     "square": "Square (ART)",
-    "square_l2": "Square L2 (ART)",
+    "square_l2": "Square (ART)",
     "pgd": "PGD (cleverhans)",
     "fgsm": "FGSM (cleverhans)",
 }
@@ -70,11 +70,7 @@ def _attack_list(version, norm, attacks, overrides):
             settings = dict(settings)
             settings.update((overrides or {}).get(name, {}))
             if norm == "l2":
-                if name == "square_compiled":
-                    # No own L2 Square yet: ART's, with the same query budget and p_init.
-                    name, settings = "square_l2", {"max_iter": settings["nb_iter"], "p_init": 0.8}
-                else:
-                    name = name + "_l2"
+                name = name + "_l2"
             attacks.append((name, settings))
     else:
         attacks = [(a, dict((overrides or {}).get(_base_name(getattr(a, "name", a)), {}))) for a in attacks]
@@ -95,6 +91,7 @@ def _attack_list(version, norm, attacks, overrides):
 
 def _base_name(name):
     return name[:-3] if name.endswith("_l2") else name
+
 
 
 def _implementation(attack):
@@ -156,7 +153,7 @@ def autoattack(
     """Robust accuracy under the AutoAttack-style ensemble (worst case over attacks, per example).
 
     Each attack is keras_wssi's own compiled implementation (`keras_wssi/evaluation/compiled_attacks.py`):
-    APGD-CE, APGD-T on the targeted DLR loss, FAB-T and Square (L∞; L2 Square is ART's). Random numbers are keyed
+    APGD-CE, APGD-T on the targeted DLR loss, FAB-T and Square (L∞ and L2). Random numbers are keyed
     by `(seed, attack, restart or target, example index)`, so results do not depend on `batch_size`. With
     `state_path`, progress is saved after every chunk and a rerun with the same arguments resumes.
 

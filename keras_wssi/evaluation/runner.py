@@ -155,6 +155,8 @@ class AttackRunner:
     number, then called batch by batch. The last batch is padded to `batch_size`, so nothing retraces.
     Random starts are keyed by `(seed, restart, example index)` (`seeded_random_start`), so results do
     not depend on `batch_size`. ART attacks (`"cw_l2"`, `"square"`) run through ART's own batching.
+    keras_wssi's own attacks (`"apgd_ce"`, `"apgd_t"`, `"fab_t"`, `"square_compiled"`, …) run their compiled
+    kernels (`compiled_attacks.run_attack`) on the clean-correct examples, keyed by `(seed, example index)`.
 
     Args:
         model: a Keras classifier (logits; see `logits_function`).
