@@ -42,8 +42,10 @@ __all__ = [
     "fab_batch",
     "make_kernel",
     "run_attack",
+    "run_key",
     "square_batch",
     "square_image_shape",
+    "square_l2_pattern",
     "square_window_sizes",
     "targeted_dlr_loss",
 ]
@@ -82,7 +84,14 @@ def _uniform(key, indices, counter, count):
 
 
 def run_key(seed, attack_name, run):
-    """The integer key of one run (restart or target) of one attack: `(seed, attack, run)` mixed."""
+    """The integer key of one run (restart or target) of one attack: `(seed, attack, run)` mixed into 32 bits.
+
+    Example:
+
+    ```python
+    run_key(0, "apgd_ce", 0) != run_key(1, "apgd_ce", 0)
+    ```
+    """
     value = (int(seed) * 0x9E3779B1 + sum(ord(ch) * 31**i for i, ch in enumerate(attack_name)) * 0x85EBCA77
              + int(run) * 0xC2B2AE3D) & _MASK32
     return value
@@ -289,6 +298,13 @@ def apgd_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="li
     Returns:
         `(x_out, correct, forwards)`: the first adversarial example found (else the highest-loss point), whether
         the model still classifies `x_out` correctly, and forward passes spent per example (int32).
+
+    Example:
+
+    ```python
+    x_adv, correct, forwards = tf.function(lambda x, y: apgd_batch(
+        model, x, y, tf.range(len(y)), 0.1, tf.constant(7, tf.int64), 0, 100))(x, y)
+    ```
     """
     x = tf.convert_to_tensor(x, tf.float32)
     eps = tf.cast(eps, tf.float32)
@@ -430,6 +446,12 @@ def fab_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="lin
     Returns:
         `(x_out, correct, forwards)`: the smallest-norm adversarial example found if its norm is ≤ ε (else `x`),
         whether `x_out` is still classified correctly, and forward passes per example.
+
+    Example:
+
+    ```python
+    x_adv, correct, _ = fab_batch(model, x, y, tf.range(len(y)), 0.1, tf.constant(0, tf.int64), 2, 100)
+    ```
     """
     del indices, key
     x = tf.convert_to_tensor(x, tf.float32)
@@ -502,6 +524,12 @@ def square_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="
     Returns:
         `(x_out, correct, forwards)`: the lowest-margin point found, whether it is still classified correctly,
         and queries (forward passes) spent per example: an example stops being queried once it is fooled.
+
+    Example:
+
+    ```python
+    x_adv, correct, queries = square_batch(model, x, y, tf.range(len(y)), 0.1, tf.constant(3, tf.int64), 0, 5000)
+    ```
     """
     del target_rank
     if norm == "l2":
@@ -602,7 +630,6 @@ def _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_mi
     batch = shape[0]
     height, width, channels = square_image_shape(x.shape[1:])
     image = tf.reshape(x, [batch, height, width, channels])
-    features = height * width * channels
 
     def per_image_norm(values):
         return tf.sqrt(tf.reduce_sum(tf.square(values), axis=[1, 2, 3], keepdims=True))
@@ -704,6 +731,12 @@ def make_kernel(logits_fn, example_shape, family, n_iter, norm, jit_compile=Fals
 
     Returns:
         `kernel(x, y, indices, eps, key, target_rank) -> (x_out, correct, forwards)`.
+
+    Example:
+
+    ```python
+    kernel = make_kernel(lambda x: model(x, training=False), (28, 28, 1), "apgd", 100, "linf", loss="ce")
+    ```
     """
     if family not in _KERNELS:
         raise EvaluationError(f"Unknown attack family {family!r}: expected one of {', '.join(_KERNELS)}.")
@@ -753,6 +786,13 @@ def run_attack(kernel, images, labels, eps, active, runs, batch_size, on_chunk=N
     Returns:
         `(x_adv, robust, forwards)`: adversarial points (the input where not attacked or not fooled), the per-example
         flag "every run failed" (False where not active), and forward passes per example.
+
+    Example:
+
+    ```python
+    runs = [(run_key(0, "apgd_ce", 0), 0)]
+    x_adv, robust, forwards = run_attack(kernel, x_test, y_test, 0.1, clean_correct, runs, batch_size=500)
+    ```
     """
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
@@ -801,7 +841,14 @@ _FAMILIES = {
 
 
 def attack_kernel(attack, logits_fn, example_shape, jit_compile=False, clip_min=0.0, clip_max=1.0):
-    """The traced kernel of one of keras_wssi's own attacks (an `Attack` from `get_attack`, e.g. `"apgd_ce"`)."""
+    """The traced kernel of one of keras_wssi's own attacks (an `Attack` from `get_attack`, e.g. `"apgd_ce"`).
+
+    Example:
+
+    ```python
+    kernel = attack_kernel(get_attack("apgd_t"), lambda x: model(x, training=False), (28, 28, 1))
+    ```
+    """
     if attack.method not in _FAMILIES:
         raise EvaluationError(f"Attack {attack.name!r} is not one of keras_wssi's compiled attacks.")
     if clip_min is None or clip_max is None:
@@ -818,7 +865,14 @@ def attack_kernel(attack, logits_fn, example_shape, jit_compile=False, clip_min=
 
 
 def attack_runs(attack, seed, num_classes):
-    """The `(key, target_rank)` runs of an attack: one per restart, or one per target class (ranks 2, 3, …)."""
+    """The `(key, target_rank)` runs of an attack: one per restart, or one per target class (ranks 2, 3, …).
+
+    Example:
+
+    ```python
+    attack_runs(get_attack("apgd_t"), seed=0, num_classes=10)   # 9 runs, target ranks 2..10
+    ```
+    """
     options = dict(attack.options)
     if attack.method in ("apgd_t", "fab_t"):
         minimum = 4 if attack.method == "apgd_t" else 2

@@ -416,8 +416,9 @@ class AttackRunner:
         else:
             if eps == 0:
                 return images.copy(), self._predict_correct(images, labels)
-            art_attack = evasion.SquareAttack(classifier, norm=self.attack.ord, eps=eps, nb_restarts=self.attack.restarts,
-                                              batch_size=self.batch_size, verbose=False, **options)
+            art_attack = evasion.SquareAttack(classifier, norm=self.attack.ord, eps=eps,
+                                              nb_restarts=self.attack.restarts, batch_size=self.batch_size,
+                                              verbose=False, **options)
             x_adv = art_attack.generate(x=images, y=labels).astype(np.float32)
         return x_adv, self._predict_correct(x_adv, labels)
 
