@@ -284,3 +284,17 @@ def test_square_is_not_weaker_than_arts(trained, norm):
     print(f"Square {norm}: keras_wssi {ours_accuracy:.3f} ART {art_accuracy:.3f}")
     assert _norms(x_ours - x, norm).max() <= eps * (1 + 1e-5)
     assert ours_accuracy <= art_accuracy + 0.05
+
+
+def test_l2_ensemble_is_all_keras_wssi_and_the_worst_case(trained):
+    model, x, y = trained
+    x, y = x[:100], y[:100]
+    budget = {"apgd_ce": {"nb_iter": 10}, "apgd_t": {"nb_iter": 10, "n_targets": 2},
+              "fab_t": {"nb_iter": 10, "n_targets": 2}, "square_compiled": {"nb_iter": 100}}
+    full = evaluation.autoattack(model, x, y, 1.0, norm="l2", budget=budget, cascade=False, batch_size=64)
+    cascade = evaluation.autoattack(model, x, y, 1.0, norm="l2", budget=budget, batch_size=64)
+    assert [a["name"] for a in full["attacks"]] == ["apgd_ce_l2", "apgd_t_l2", "fab_t_l2", "square_compiled_l2"]
+    assert {a["implementation"] for a in full["attacks"]} == {"keras_wssi.evaluation.compiled_attacks"}
+    assert full["threat_model"] == "L2"
+    np.testing.assert_array_equal(cascade["robust"], full["robust"])
+    assert full["robust_accuracy"] < full["clean_accuracy"]
