@@ -16,7 +16,8 @@ accuracies, forward passes, settings):
 
     python examples/evaluate.py --data_dir=../shared/data --autoattack=standard --autoattack_epsilon=0.1
 
-Its attacks also run as ε-curves: --attacks=apgd_ce,apgd_t,fab_t,square_compiled (--apgd_steps, --square_queries).
+Its attacks also run as ε-curves: --attacks=apgd_ce,apgd_t,fab_t,square_compiled (and *_l2; --apgd_steps,
+--square_queries).
 
 Writes into --output_dir: `report.json` (every number with its settings), `summary.md` (tables),
 `accuracy_vs_epsilon.png` (one panel per attack / noise family, one line per model) and `plots/`.
@@ -107,7 +108,7 @@ def _attack(name):
         settings["max_iter"] = FLAGS.square_max_iter
     if name.startswith(("apgd_", "fab_t")):
         settings["nb_iter"] = FLAGS.apgd_steps
-    if name == "square_compiled":
+    if name.startswith("square_compiled"):
         settings["nb_iter"] = FLAGS.square_queries
     return evaluation.get_attack(name, **settings)
 
