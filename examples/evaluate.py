@@ -10,6 +10,15 @@ Several models, more attacks:
     python examples/evaluate.py --data_dir=../shared/data \
         --models=runs/none/model.keras,runs/weissi/model.keras --attacks=fgsm,pgd,pgd_l2,cw_l2,square
 
+The AutoAttack-style ensemble (APGD-CE, APGD-T, FAB-T, Square; keras_wssi's compiled implementations) at one ε,
+recorded as the metrics section "autoattack" of each model (robust accuracy under the ensemble, per-attack
+accuracies, forward passes, settings):
+
+    python examples/evaluate.py --data_dir=../shared/data --autoattack=standard --autoattack_epsilon=0.1
+
+Its attacks also run as ε-curves: --attacks=apgd_ce,apgd_t,fab_t,square_compiled (and *_l2; --apgd_steps,
+--square_queries).
+
 Writes into --output_dir: `report.json` (every number with its settings), `summary.md` (tables),
 `accuracy_vs_epsilon.png` (one panel per attack / noise family, one line per model) and `plots/`.
 Gradient attacks are cleverhans's `tf2` functions, run batched and compiled by keras_wssi; `cw_l2` and
@@ -55,6 +64,14 @@ flags.DEFINE_integer("batch_size", 500, "Examples per compiled attack call (boun
 flags.DEFINE_integer("seed", 0, "Seed of random starts, noise and ART's sampling.")
 flags.DEFINE_boolean("jit_compile", False, "Compile attack graphs with XLA (measured slower on CPU for convolutions).")
 flags.DEFINE_boolean("recover_logits", False, "Accept softmax-output models by recovering logits (announced).")
+flags.DEFINE_enum("autoattack", "", ["", "standard", "fast"], "Run the AutoAttack-style ensemble (empty: off).")
+flags.DEFINE_enum("autoattack_norm", "linf", ["linf", "l2"], "Threat model of the ensemble.")
+flags.DEFINE_float("autoattack_epsilon", 0.1, "ε of the ensemble.")
+flags.DEFINE_integer("autoattack_examples", 1000, "Test examples for the ensemble (0: all of --num_examples).")
+flags.DEFINE_integer("autoattack_square_queries", 0, "Square queries in the ensemble (0: the version's, 5000/1000).")
+flags.DEFINE_integer("autoattack_targets", 0, "Target classes of APGD-T / FAB-T (0: the version's, 9/3).")
+flags.DEFINE_integer("apgd_steps", 100, "Iterations of apgd_* and fab_t* in --attacks curves and the ensemble.")
+flags.DEFINE_integer("square_queries", 5000, "Queries of square_compiled in --attacks curves.")
 flags.DEFINE_boolean("weight_perturbation", False, "Also evaluate accuracy under weight perturbations.")
 flags.DEFINE_list("weight_epsilons", ["0", "0.01", "0.02", "0.05", "0.1"], "Relative weight-perturbation radii.")
 flags.DEFINE_list("weight_kinds", ["random", "adversarial"], "Weight-perturbation kinds.")
@@ -62,9 +79,11 @@ flags.DEFINE_string("output_dir", "reports/default", "Where report.json, summary
 flags.DEFINE_string("title", "Robustness report", "Report title.")
 flags.DEFINE_boolean("progress", True, "Progress bars.")
 
-for _name in ("num_examples", "train_examples", "cw_examples", "square_examples", "jacobian_examples"):
+for _name in ("num_examples", "train_examples", "cw_examples", "square_examples", "jacobian_examples",
+              "autoattack_examples", "autoattack_square_queries", "autoattack_targets"):
     flags.register_validator(_name, lambda value: value >= 0, message=f"--{_name} must be >= 0.")
-for _name in ("pgd_steps", "restarts", "batch_size", "cw_max_iter", "cw_binary_search_steps", "square_max_iter"):
+for _name in ("pgd_steps", "restarts", "batch_size", "cw_max_iter", "cw_binary_search_steps", "square_max_iter",
+              "apgd_steps", "square_queries"):
     flags.register_validator(_name, lambda value: value >= 1, message=f"--{_name} must be >= 1.")
 
 
@@ -85,9 +104,37 @@ def _attack(name):
         settings["restarts"] = FLAGS.restarts
     if name == "cw_l2":
         settings.update(max_iter=FLAGS.cw_max_iter, binary_search_steps=FLAGS.cw_binary_search_steps)
-    if name == "square":
+    if name in ("square", "square_l2"):
         settings["max_iter"] = FLAGS.square_max_iter
+    if name.startswith(("apgd_", "fab_t")):
+        settings["nb_iter"] = FLAGS.apgd_steps
+    if name.startswith("square_compiled"):
+        settings["nb_iter"] = FLAGS.square_queries
     return evaluation.get_attack(name, **settings)
+
+
+def _autoattack_budget():
+    budget = {"apgd_ce": {"nb_iter": FLAGS.apgd_steps}, "apgd_t": {"nb_iter": FLAGS.apgd_steps}}
+    if FLAGS.autoattack == "standard":
+        budget["fab_t"] = {"nb_iter": FLAGS.apgd_steps}
+    if FLAGS.autoattack_targets:
+        for name in ("apgd_t", "fab_t"):
+            if name in budget:
+                budget[name]["n_targets"] = FLAGS.autoattack_targets
+    if FLAGS.autoattack_square_queries:
+        budget["square_compiled"] = {"nb_iter": FLAGS.autoattack_square_queries}
+    return budget
+
+
+def _autoattack_metrics(model, images, labels):
+    """The ensemble's JSON-ready summary for the report (per-example flags left out)."""
+    count = FLAGS.autoattack_examples or len(images)
+    result = evaluation.autoattack(
+        model, images[:count], labels[:count], FLAGS.autoattack_epsilon, norm=FLAGS.autoattack_norm,
+        version=FLAGS.autoattack, seed=FLAGS.seed, batch_size=FLAGS.batch_size, budget=_autoattack_budget(),
+        jit_compile=FLAGS.jit_compile, recover_logits=FLAGS.recover_logits, progress=FLAGS.progress,
+    )
+    return {key: value for key, value in result.items() if key not in ("robust", "clean_correct", "per_attack_robust")}
 
 
 def _weight_perturbation_module():
@@ -171,6 +218,8 @@ def run(argv):
             training_metrics=training_metrics,
             progress=FLAGS.progress,
         )
+        if FLAGS.autoattack:
+            report.set_metrics(name, "autoattack", _autoattack_metrics(model, images, labels))
         if weight_module is not None:
             for kind in FLAGS.weight_kinds:
                 curve = weight_module.evaluate_weight_perturbations(

@@ -1,8 +1,10 @@
 """Robustness evaluation of trained models: attacks, noise, weight perturbations, reports.
 
 Gradient attacks are cleverhans's own `tf2` functions run batched and compiled (`AttackRunner`); CW-L2 and
-the gradient-free Square attack come from the Adversarial Robustness Toolbox (optional extra). Curves of
-every family go into one `Report` (JSON, Markdown, PNG). `weight_perturbation` is imported on demand.
+the gradient-free Square attack come from the Adversarial Robustness Toolbox (optional extra). keras_wssi's own
+compiled APGD-CE, APGD-T, FAB-T and Square (`compiled_attacks`) make up the AutoAttack-style ensemble
+(`autoattack`). Curves of every family go into one `Report` (JSON, Markdown, PNG). `weight_perturbation` is
+imported on demand.
 """
 
 from keras_wssi.evaluation.attacks import ATTACKS
@@ -11,6 +13,9 @@ from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.evaluation.attacks import get_attack
 from keras_wssi.evaluation.attacks import logits_function
 from keras_wssi.evaluation.attacks import seeded_random_start
+from keras_wssi.evaluation.ensemble import ATTACK_NAMES
+from keras_wssi.evaluation.ensemble import AUTOATTACK_VERSIONS
+from keras_wssi.evaluation.ensemble import autoattack
 from keras_wssi.evaluation.noise import NOISE_KINDS
 from keras_wssi.evaluation.noise import noise_accuracy
 from keras_wssi.evaluation.report import Report
@@ -24,11 +29,14 @@ from keras_wssi.evaluation.runner import clean_metrics
 
 __all__ = [
     "ATTACKS",
+    "ATTACK_NAMES",
+    "AUTOATTACK_VERSIONS",
     "Attack",
     "AttackRunner",
     "EvaluationError",
     "NOISE_KINDS",
     "Report",
+    "autoattack",
     "check_dataset",
     "clean_metrics",
     "evaluate_model",

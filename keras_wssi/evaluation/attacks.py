@@ -14,8 +14,12 @@ Every gradient attack here is cleverhans 4.0.0's own function (`cleverhans.tf2.a
   results do not depend on batch size or on graph-versus-eager execution (`seeded_random_start`).
 
 cleverhans 4.0.0's `carlini_wagner_l2` and `spsa` do not run on Keras 3 (Keras-2 optimizer API), so
-`"cw_l2"` (Carlini & Wagner L2) and `"square"` (Square attack, gradient-free, L∞) come from the
+`"cw_l2"` (Carlini & Wagner L2) and `"square"` / `"square_l2"` (Square attack, gradient-free) come from the
 Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`), imported lazily.
+
+The attacks of the AutoAttack-style ensemble are keras_wssi's own (`library == "keras_wssi"`, computed by
+`keras_wssi/evaluation/compiled_attacks.py`): `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"` (each also
+`"…_l2"`) and `"square_compiled"` (and `"square_compiled_l2"`).
 """
 
 import contextlib
@@ -53,7 +57,8 @@ class Attack:
 
     Attributes:
         name: the name it is reported under (`"pgd"`, `"fgsm"`, …).
-        method: `"fgm"`, `"pgd"`, `"bim"`, `"mim"`, `"madry"` (cleverhans), `"cw_l2"` or `"square"` (ART).
+        method: `"fgm"`, `"pgd"`, `"bim"`, `"mim"`, `"madry"` (cleverhans), `"cw_l2"` or `"square"` (ART),
+            `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"`, `"square_compiled"` (keras_wssi's own).
         norm: `"linf"` or `"l2"`: the ball `ε` measures.
         nb_iter: iterations of the iterative attacks.
         step_size: step per iteration as a multiple of `ε` (`eps_iter = step_size * ε`); None uses
@@ -79,7 +84,9 @@ class Attack:
 
     @property
     def library(self):
-        """Which code computes the adversarial examples: `"cleverhans"` or `"art"`."""
+        """Which code computes the adversarial examples: `"cleverhans"`, `"art"` or `"keras_wssi"`."""
+        if self.method in _OWN_METHODS:
+            return "keras_wssi"
         return "art" if self.method in ("cw_l2", "square") else "cleverhans"
 
     @property
@@ -89,7 +96,7 @@ class Attack:
 
     @property
     def randomized(self):
-        return self.rand_init or self.method in ("madry", "square")
+        return self.rand_init or self.method in ("madry", "square", "apgd_ce", "apgd_dlr", "square_compiled")
 
     @property
     def ord(self):
@@ -119,6 +126,11 @@ class Attack:
             if self.method == "mim":
                 settings["decay_factor"] = self.decay_factor
             settings["loss"] = _loss_name(self.loss)
+        elif self.library == "keras_wssi":
+            settings["function"] = _OWN_METHODS[self.method]
+            settings["nb_iter"] = self.nb_iter
+            settings["restarts"] = self.restarts
+            settings.update({key: value for key, value in self.options})
         else:
             settings["class"] = {"cw_l2": "art.attacks.evasion.CarliniL2Method",
                                  "square": "art.attacks.evasion.SquareAttack"}[self.method]
@@ -181,6 +193,36 @@ ATTACKS = {
     "madry": ("madry", "linf", {"nb_iter": 40}),
     "cw_l2": ("cw_l2", "l2", {}),
     "square": ("square", "linf", {}),
+    "square_l2": ("square", "l2", {}),
+    # keras_wssi's own compiled attacks (keras_wssi/evaluation/compiled_attacks.py), the AutoAttack ensemble's parts.
+    "apgd_ce": ("apgd_ce", "linf", {"nb_iter": 100}),
+    "apgd_ce_l2": ("apgd_ce", "l2", {"nb_iter": 100}),
+    "apgd_dlr": ("apgd_dlr", "linf", {"nb_iter": 100}),
+    "apgd_dlr_l2": ("apgd_dlr", "l2", {"nb_iter": 100}),
+    "apgd_t": ("apgd_t", "linf", {"nb_iter": 100}),
+    "apgd_t_l2": ("apgd_t", "l2", {"nb_iter": 100}),
+    "fab_t": ("fab_t", "linf", {"nb_iter": 100}),
+    "fab_t_l2": ("fab_t", "l2", {"nb_iter": 100}),
+    "square_compiled": ("square_compiled", "linf", {"nb_iter": 5000}),
+    "square_compiled_l2": ("square_compiled", "l2", {"nb_iter": 5000}),
+}
+
+# method: the function that computes it.
+_OWN_METHODS = {
+    "apgd_ce": "keras_wssi.evaluation.compiled_attacks.apgd_batch(loss='ce')",
+    "apgd_dlr": "keras_wssi.evaluation.compiled_attacks.apgd_batch(loss='dlr')",
+    "apgd_t": "keras_wssi.evaluation.compiled_attacks.apgd_batch(loss='dlr_targeted')",
+    "fab_t": "keras_wssi.evaluation.compiled_attacks.fab_batch",
+    "square_compiled": "keras_wssi.evaluation.compiled_attacks.square_batch",
+}
+
+# Settings of the own attacks that are not `Attack` fields (AutoAttack's standard values).
+_OWN_DEFAULTS = {
+    "apgd_ce": {"rho": 0.75},
+    "apgd_dlr": {"rho": 0.75},
+    "apgd_t": {"rho": 0.75, "n_targets": 9},
+    "fab_t": {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9, "n_targets": 9},
+    "square_compiled": {"p_init": 0.8},
 }
 
 _ART_DEFAULTS = {
@@ -194,9 +236,13 @@ def get_attack(name, **settings):
 
     Args:
         name: one of `ATTACKS`: `"fgsm"`, `"fgm_l2"`, `"pgd"`, `"pgd_l2"`, `"bim"`, `"mim"`, `"madry"`
-            (cleverhans) or `"cw_l2"`, `"square"` (ART, optional extra). An `Attack` is returned as is.
+            (cleverhans), `"cw_l2"`, `"square"`, `"square_l2"` (ART, optional extra), or keras_wssi's own
+            `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"`, `"square_compiled"` (and each `"…_l2"`). An `Attack` is
+            returned as is.
         **settings: `Attack` fields (`nb_iter`, `step_size`, `rand_init`, `restarts`, `decay_factor`,
-            `loss`); unknown fields go to the ART attack's constructor for `"cw_l2"` and `"square"`.
+            `loss`); unknown fields go to the ART attack's constructor for `"cw_l2"` and `"square"`; the own
+            attacks take `rho` (APGD), `n_targets` (APGD-T, FAB-T), `alpha_max`, `eta`, `beta` (FAB-T), `p_init`
+            (Square).
 
     Returns:
         An `Attack`.
@@ -214,11 +260,18 @@ def get_attack(name, **settings):
     method, norm, defaults = ATTACKS[name]
     fields = {f.name for f in dataclasses.fields(Attack)}
     values = dict(defaults)
-    options = dict(_ART_DEFAULTS.get(method, {}))
+    options = dict(_ART_DEFAULTS.get(method, _OWN_DEFAULTS.get(method, {})))
     for key, value in settings.items():
         if key in fields and key not in ("name", "method", "norm", "options"):
             values[key] = value
         elif method in _ART_DEFAULTS:
+            options[key] = value
+        elif method in _OWN_DEFAULTS:
+            if key not in _OWN_DEFAULTS[method]:
+                raise EvaluationError(
+                    f"Attack {name!r} has no setting {key!r}: expected nb_iter, restarts or one of "
+                    f"{', '.join(_OWN_DEFAULTS[method])}."
+                )
             options[key] = value
         else:
             raise EvaluationError(
@@ -241,6 +294,16 @@ def _validate(attack):
         raise EvaluationError(
             f"step_size of attack {attack.name!r} is eps_iter / eps and must be in (0, 1] (cleverhans requires "
             f"eps_iter <= eps), got {attack.step_size!r}."
+        )
+    options = dict(attack.options)
+    if "n_targets" in options and (not isinstance(options["n_targets"], int) or options["n_targets"] < 1):
+        raise EvaluationError(
+            f"n_targets of attack {attack.name!r} must be a positive integer, got {options['n_targets']!r}."
+        )
+    if attack.restarts > 1 and attack.method in ("apgd_t", "fab_t"):
+        raise EvaluationError(
+            f"Attack {attack.name!r} runs once per target class (n_targets), from a fixed start: use n_targets, not "
+            f"restarts={attack.restarts}."
         )
     if attack.loss is not None and attack.method not in ("fgm", "pgd"):
         raise EvaluationError(

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_wssi.evaluation import attacks as attacks_module
+from keras_wssi.evaluation import compiled_attacks
 from keras_wssi.evaluation.attacks import EvaluationError
 
 __all__ = ["AttackRunner", "check_dataset", "clean_metrics"]
@@ -154,6 +155,8 @@ class AttackRunner:
     number, then called batch by batch. The last batch is padded to `batch_size`, so nothing retraces.
     Random starts are keyed by `(seed, restart, example index)` (`seeded_random_start`), so results do
     not depend on `batch_size`. ART attacks (`"cw_l2"`, `"square"`) run through ART's own batching.
+    keras_wssi's own attacks (`"apgd_ce"`, `"apgd_t"`, `"fab_t"`, `"square_compiled"`, …) run their compiled
+    kernels (`compiled_attacks.run_attack`) on the clean-correct examples, keyed by `(seed, example index)`.
 
     Args:
         model: a Keras classifier (logits; see `logits_function`).
@@ -278,6 +281,8 @@ class AttackRunner:
         images, labels = self._prepare(images, labels)
         if self.attack.library == "art":
             return self._art_attack(images, labels, eps)[0]
+        if self.attack.library == "keras_wssi":
+            return self._own_attack(images, labels, eps)[0]
         outputs = []
         for start, stop in _batches(len(images), self.batch_size):
             outputs.append(self._attack_batch(images, labels, start, stop, eps)[0])
@@ -300,6 +305,12 @@ class AttackRunner:
         started = time.perf_counter()
         if self.attack.library == "art":
             accuracy, max_norms = self._art_curve(images, labels, epsilons)
+        elif self.attack.library == "keras_wssi":
+            accuracy, max_norms = [], []
+            for eps in epsilons:
+                x_adv, correct, _ = self._own_attack(images, labels, eps)
+                accuracy.append(float(np.mean(correct)))
+                max_norms.append(float(_norms(x_adv - images, self.attack.norm).max()))
         else:
             accuracy, max_norms = [], []
             batches = list(_batches(len(images), self.batch_size))
@@ -335,10 +346,29 @@ class AttackRunner:
                 "seed": self.seed,
                 "clip_min": self.clip_min,
                 "clip_max": self.clip_max,
-                "jit_compile": self.jit_compile if self.attack.library == "cleverhans" else None,
+                "jit_compile": self.jit_compile if self.attack.library != "art" else None,
             }
         )
         return settings
+
+    # -- keras_wssi's compiled attacks (apgd_ce, apgd_t, fab_t, square_compiled, …) ----------------------
+
+    def _own_attack(self, images, labels, eps):
+        """`(x_adv, correct, forwards)` of an own attack: only clean-correct examples are attacked."""
+        clean_correct = self._predict_correct(images, labels)
+        if eps == 0:
+            return images.copy(), clean_correct, np.zeros(len(images), np.int64)
+        if self._compiled is None:
+            self._compiled = compiled_attacks.attack_kernel(
+                self.attack, self._logits_fn, images.shape[1:], jit_compile=self.jit_compile,
+                clip_min=self.clip_min, clip_max=self.clip_max,
+            )
+        num_classes = int(np.asarray(self._logits_fn(images[:1])).shape[-1])
+        runs = compiled_attacks.attack_runs(self.attack, self.seed, num_classes)
+        x_adv, robust, forwards = compiled_attacks.run_attack(
+            self._compiled, images, labels, eps, clean_correct, runs, self.batch_size
+        )
+        return x_adv, robust, forwards
 
     # -- ART attacks (cw_l2, square) ---------------------------------------------------------------------
 
@@ -386,8 +416,9 @@ class AttackRunner:
         else:
             if eps == 0:
                 return images.copy(), self._predict_correct(images, labels)
-            art_attack = evasion.SquareAttack(classifier, norm=np.inf, eps=eps, nb_restarts=self.attack.restarts,
-                                              batch_size=self.batch_size, verbose=False, **options)
+            art_attack = evasion.SquareAttack(classifier, norm=self.attack.ord, eps=eps,
+                                              nb_restarts=self.attack.restarts, batch_size=self.batch_size,
+                                              verbose=False, **options)
             x_adv = art_attack.generate(x=images, y=labels).astype(np.float32)
         return x_adv, self._predict_correct(x_adv, labels)
 
