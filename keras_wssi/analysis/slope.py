@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from keras_wssi import linalg
 from keras_wssi import structure
-from keras_wssi.analysis.weight_perturbation import dense_chain
+from keras_wssi.structure import dense_chain
 
 __all__ = [
     "METHODS",

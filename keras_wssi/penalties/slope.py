@@ -10,7 +10,7 @@ from keras_wssi import linalg
 from keras_wssi import structure
 from keras_wssi.analysis.slope import local_jacobian
 from keras_wssi.analysis.slope import top_singular_value_squared
-from keras_wssi.analysis.weight_perturbation import dense_chain
+from keras_wssi.structure import dense_chain
 from keras_wssi.penalties.base import Penalty
 from keras_wssi.penalties.base import register_penalty
 
