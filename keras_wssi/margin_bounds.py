@@ -63,6 +63,8 @@ _NORM_ALIASES = {
     "2": "2", "l2": "2", "spectral": "2",
 }
 _DUAL = {"inf": "1", "1": "inf", "2": "2"}
+# Largest backward-coefficient tensor (elements) built at once when refining hidden boxes.
+_REFINE_ELEMENTS = 2 * 10**7
 
 
 def validate_weight_norm(norm, argument="norm"):
@@ -496,9 +498,10 @@ def bound_margins(
         dense: the `structure.DenseChain` of the same model when it is a Dense chain: then the `"activation"`
             and `"norm"` bounds are computed too, intersected with the boxes, and the result is never looser.
         kernels: kernels to use instead of the layers' (one per weight layer; differentiable).
-        refine_limit: in `"linear"` mode, pre-activation boxes of Dense layers up to this width whose inputs
-            come through Dense layers only are tightened by the linear bound itself (one backward pass per
-            neuron, batched); 0 disables it.
+        refine_limit: in `"linear"` mode, pre-activation boxes of hidden Dense layers up to this width whose
+            inputs come through Dense layers only are tightened by the linear bound itself (one backward pass per
+            neuron, batched in chunks); 0 disables it. (After convolutions it was measured to tighten the CNN's
+            radii by ~25 % for ~10× the time, so it is not done there.)
         dtype: the computation dtype (float64 by default, so that rounding cannot break a certificate).
 
     Returns:
@@ -517,7 +520,7 @@ def bound_margins(
     lower = upper = clean = x
     h_norm = delta = None
     weight_index = 0
-    dense_prefix = True
+    dense_prefix = True  # Only Dense layers so far: refining is cheap (measured ~10× dearer after convolutions).
     last = len(chain.ops) - 1
     for j, op in enumerate(chain.ops):
         if op.kind in ("dense", "conv"):
@@ -563,9 +566,16 @@ def bound_margins(
                 state.first_weight, state.first_output = j, clean
             width = int(lower.shape[-1])
             if mode == "linear" and op.kind == "dense" and j < last and weight_index > 0 and dense_prefix and width <= refine_limit:
+                # Backward passes from ±e_k for every neuron k, in chunks that bound the memory.
                 identity = tf.eye(width, dtype=dtype)
-                lam = tf.tile(tf.concat([identity, -identity], 0)[None], [batch, 1, 1])
-                refined = _backward(chain, state, j, lam, norm)
+                specs = tf.concat([identity, -identity], 0)
+                largest = max(int(np.prod(low.shape[1:])) for low, _, _ in state.inputs)
+                chunk = max(1, min(2 * width, _REFINE_ELEMENTS // (max(int(x.shape[0] or 1), 1) * largest)))
+                refined = tf.concat(
+                    [_backward(chain, state, j, tf.tile(specs[start : start + chunk][None], [batch, 1, 1]), norm)
+                     for start in range(0, 2 * width, chunk)],
+                    axis=1,
+                )
                 lower = tf.maximum(lower, refined[:, :width])
                 upper = tf.minimum(upper, -refined[:, width:])
             weight_index += 1

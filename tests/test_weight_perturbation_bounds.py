@@ -360,3 +360,28 @@ def test_training_loss_interval_and_linear_modes():
     assert np.isfinite(logs["loss"]) and not np.allclose(before[0], cnn.get_weights()[0])
     config = P.WeightPerturbationLoss(1.0, mode="linear").get_config()
     assert config["mode"] == "linear"
+
+
+def test_certified_curve_goes_into_the_report_next_to_the_attacked_curves():
+    from keras_wssi.evaluation import report as report_module
+    from keras_wssi.evaluation.weight_perturbation import evaluate_weight_perturbations
+
+    model = _mlp(6, (10,), 3, seed=5)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    y = np.argmax(model.predict(x, verbose=0), 1)
+    epsilons = [0.0, 0.01, 0.1, 0.5]
+    report = report_module.Report("weights")
+    report.add_model("mlp")
+    attacked = evaluate_weight_perturbations(model, x, y, epsilons, kind="adversarial", steps=5)
+    report.add_curve("mlp", "weights/adversarial", attacked)
+    curve = report_module.add_certified_weight_curve(report, "mlp", model, x, y, epsilons)
+    expected = [wp.certified_accuracy(model, x, y, e, relative=True) for e in epsilons]
+    assert curve["accuracy"] == expected == report.models["mlp"]["curves"]["weights/certified"]["accuracy"]
+    # What is proven never exceeds what the attack leaves, and the certificate binds somewhere.
+    assert all(c <= a + 1e-12 for c, a in zip(curve["accuracy"], attacked["accuracy"]))
+    assert curve["accuracy"][0] == 1.0 and curve["accuracy"] == sorted(curve["accuracy"], reverse=True)
+    resnet = kw.architectures.small_resnet(input_shape=(8, 8, 1), channels=2, num_blocks=1)
+    report.add_model("resnet")
+    assert report_module.add_certified_weight_curve(report, "resnet", resnet, np.zeros((2, 8, 8, 1), np.float32), [0, 1], epsilons) is None
+    assert "block0_add" in report.models["resnet"]["notes"][0]

@@ -1,28 +1,25 @@
-"""Certified margins and generalization under norm-bounded weight perturbations.
+"""Certified margins, radii and generalization under norm-bounded weight perturbations.
 
 Tsai, Hsu, Yu, Chen, "Formalizing Generalization and Robustness of Neural Networks to Weight
-Perturbations" (arXiv 2103.02200, NeurIPS 2021). For a feed-forward network
-`z = W_L σ(W_{L-1} … σ(W_1 x + b_1) … + b_{L-1}) + b_L` and perturbed kernels `Ŵ_l = W_l + Δ_l` with
-`||Δ_l|| ≤ ε_l` (an operator norm), this module bounds, per example, how far every pairwise class margin
-`m_{y,i} = z_y − z_i` can move, and reports the certified accuracy and the Rademacher-complexity
-generalization bound of the perturbed class.
+Perturbations" (arXiv 2103.02200, NeurIPS 2021). For a feed-forward network with perturbed kernels
+`Ŵ_l = W_l + Δ_l`, `||Δ_l|| ≤ ε_l` (an operator norm; biases are not perturbed), this module certifies, per
+example, that every pairwise class margin `m_{y,i} = z_y − z_i` stays positive over the whole set
+(`certified_margins`, `certified_accuracy`), finds the largest such radius (`certified_radius`), draws the
+certified-accuracy curve (`certified_accuracy_curve`) and reports the Rademacher-complexity generalization
+bound of the perturbed class (`generalization_bound`).
 
-The bound (DESIGN.md §1.4, generalised to biases and to three operator norms; derivation in
-docs/weight_perturbation_and_slope.md). With `p` the vector norm whose induced operator norm is used
-(`"inf"`: max-row-ℓ1; `"1"`: max-column-ℓ1; `"2"`: spectral), `q` its dual, `a_l = ||W_l||`,
-`H_0 = ||x||_p`, `δ_0 = 0` and for `l < L`:
+Four bounds (the math is in `keras_wssi.margin_bounds`; derivations and proofs in
+docs/weight_perturbation_and_slope.md §1 and §1b):
 
-    δ_l = ε_l (H_{l-1} + δ_{l-1}) + a_l δ_{l-1}                       (bound on ||ĥ_l − h_l||_p)
-    H_l = a_l H_{l-1} + ||b_l||_p          (mode="norm", the paper's data-independent chain), or
-    H_l = ||h_l(x)||_p                     (mode="activation", ours: the actual hidden activations)
+- `mode="linear"` (default): CROWN-style linear bounds of each margin through every layer, with the per-example
+  identity `{Δh : ||Δ|| ≤ ε} = {u : ||u||_p ≤ ε ||h||_p}`; Dense and Conv2D networks with monotone activations,
+  pooling, Flatten and BatchNorm (`keras_wssi.structure.feedforward_chain`).
+- `mode="interval"`: element-wise bounds of every activation, layer by layer.
+- `mode="activation"` and `mode="norm"`: chains of operator norms with, respectively, the example's hidden
+  activation norms and the paper's data-independent bound (DESIGN.md §1.4, with biases); Dense chains only.
 
-    bound_{y,i} = ||W_L[y] − W_L[i]||_q δ_{L-1} + c_p ε_L (H_{L-1} + δ_{L-1}),   c_p = ||e_y − e_i||_q
-
-(`c_∞ = 2`, `c_1 = 1`, `c_2 = √2`). Without biases and with `p = ∞`, `mode="norm"` is exactly DESIGN.md's
-`X [||W_L[y] − W_L[i]||_1 (∏_{l<L}(a_l+ε_l) − ∏_{l<L} a_l) + 2 ε_L ∏_{l<L}(a_l+ε_l)]`. The bound holds for
-every elementwise activation with `σ(0) = 0` that is 1-Lipschitz; of these the monotone ones are accepted
-(linear, ReLU, leaky ReLU with slope ≤ 1, ReLU6, ELU, tanh), which contains the paper's non-negative
-monotone class restricted to `σ(0) = 0`. Biases are not perturbed.
+The returned bound of each mode is the minimum of the sound bounds it computes, so
+`linear ≤ interval ≤ activation ≤ norm` element-wise.
 """
 
 import math
