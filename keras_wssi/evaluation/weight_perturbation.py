@@ -22,7 +22,6 @@ snapshot taken before is compared (and restored, bit for bit) in a `finally` blo
 import numpy as np
 import tensorflow as tf
 
-from keras_wssi import linalg
 from keras_wssi import structure
 from keras_wssi.margin_bounds import operator_norm
 from keras_wssi.margin_bounds import validate_epsilon
