@@ -234,7 +234,7 @@ def activation_norm_bounds(chain, x, labels, radii, norm="inf", mode="norm", ker
     delta = tf.zeros_like(h_norm)
     for index in range(len(kernels) - 1):
         a = tf.cast(operator_norm(kernels[index], norm), dtype)
-        eps = tf.cast(radii[index], dtype) * factor
+        eps = _radius(radii[index], dtype) * factor
         delta = eps * (h_norm + delta) + a * delta
         if mode == "activation":
             h_norm = vector_norm(hidden[index + 1], norm)
@@ -247,9 +247,14 @@ def activation_norm_bounds(chain, x, labels, radii, norm="inf", mode="norm", ker
     labels = labels_vector(labels, num_classes)
     rows = tf.transpose(last)  # (C, n): row c is W_L[c].
     differences = tf.gather(rows, labels)[:, None, :] - rows[None, :, :]  # (batch, C, n)
-    eps_last = tf.cast(radii[-1], dtype) * factor
+    eps_last = _radius(radii[-1], dtype) * factor
     bounds = dual_norm(differences, norm) * delta[:, None] + pair_constant(norm) * (eps_last * (h_norm + delta))[:, None]
     return bounds * (1.0 - tf.one_hot(labels, num_classes, dtype=dtype))
+
+
+def _radius(value, dtype):
+    # tf.cast of a Python float goes through float32 (1e300 would overflow): build constants directly.
+    return tf.cast(value, dtype) if tf.is_tensor(value) else tf.constant(float(value), dtype)
 
 
 def _dense_hidden(chain, h, kernels):
@@ -526,7 +531,7 @@ def bound_margins(
         if op.kind in ("dense", "conv"):
             kernel = tf.cast(kernels[weight_index], dtype)
             bias = None if op.layer.bias is None else tf.cast(op.layer.bias, dtype)
-            eps = tf.cast(radii[weight_index], dtype) * factor
+            eps = _radius(radii[weight_index], dtype) * factor
             magnitude = tf.maximum(tf.abs(lower), tf.abs(upper))
             if op.kind == "dense":
                 if lower.shape.rank != 2:

@@ -385,3 +385,18 @@ def test_certified_curve_goes_into_the_report_next_to_the_attacked_curves():
     report.add_model("resnet")
     assert report_module.add_certified_weight_curve(report, "resnet", resnet, np.zeros((2, 8, 8, 1), np.float32), [0, 1], epsilons) is None
     assert "block0_add" in report.models["resnet"]["notes"][0]
+
+
+def test_degenerate_inputs_give_clear_errors_or_vacuous_bounds():
+    model = _mlp(4, (5,), 3, seed=6)
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    y = np.array([0, 1, 2])
+    with pytest.raises(ValueError, match="at least one example"):
+        wp.certified_margins(model, x[:0], y[:0], 0.1)
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        wp.certified_margins(model, bad, y, 0.1)
+    for mode in wp.MODES:  # An astronomically large radius: a vacuous (infinite) bound, never NaN.
+        result = wp.certified_margins(model, x, y, 1e300, mode=mode)
+        assert not np.isnan(result["bounds"]).any() and not result["certified"].any()

@@ -126,8 +126,11 @@ class _Certifier:
             logits = tf.cast(self.model(x, training=False), tf.float64)
             clean = margin_bounds.margins(logits, y)
             drop = margin_bounds.activation_norm_bounds(self.dense, x, y, self.radii, self.norm, self.mode, scale=scale, dtype=tf.float64)
-            return clean.numpy(), (clean - drop).numpy()
+            lower = (clean - drop).numpy()
+            return clean.numpy(), np.where(np.isnan(lower), -np.inf, lower)
         result = margin_bounds.bound_margins(self.chain, x, y, self.radii, self.norm, self.mode, scale=scale, dense=self.dense)
+        # A NaN can only come from ∞ − ∞ at astronomically large radii: the bound is then vacuous (−∞).
+        lower = tf.where(tf.math.is_nan(result["lower"]), tf.constant(-np.inf, tf.float64), result["lower"])
         logits = self.model(x, training=False)
         reference = float(tf.reduce_max(tf.abs(logits)))
         error = float(tf.reduce_max(tf.abs(tf.cast(logits, tf.float64) - result["logits"])))
@@ -136,12 +139,17 @@ class _Certifier:
                 f"The chain read from model {self.model.name!r} does not reproduce its logits (difference {error:.3g}); "
                 "a layer is used in a way the certificate does not model."
             )
-        return result["margins"].numpy(), result["lower"].numpy()
+        lower = lower * (1.0 - tf.one_hot(y, self.num_classes, dtype=tf.float64))  # Column y stays 0.
+        return result["margins"].numpy(), np.nan_to_num(lower.numpy(), nan=0.0, posinf=np.inf, neginf=-np.inf)
 
 
 def _batches(x, y, batch_size, num_classes):
     x = np.asarray(x)
     y = _labels_vector(y, num_classes).numpy()
+    if len(x) == 0:
+        raise ValueError("x must hold at least one example.")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("x holds NaN or infinite values; the certificate needs finite inputs.")
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same number of examples, got {len(x)} and {len(y)}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
