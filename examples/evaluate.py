@@ -227,6 +227,7 @@ def run(argv):
                     batch_size=FLAGS.batch_size, seed=FLAGS.seed,
                 )
                 report.add_curve(name, f"weights/{kind}", curve)
+            evaluation.report.add_certified_weight_curve(report, name, model, images, labels, _floats(FLAGS.weight_epsilons, "weight_epsilons"))
     paths = report.save(FLAGS.output_dir)
     print(report.markdown())
     print(f"Wrote {paths['json']}, {paths['markdown']}" + (f", {paths['plot']}" if "plot" in paths else ""))

@@ -14,12 +14,15 @@ import tensorflow as tf
 
 __all__ = [
     "DenseChain",
+    "FeedForwardChain",
+    "PIECEWISE_LINEAR_ACTIVATIONS",
     "GraphNode",
     "ResidualBlock",
     "StructureError",
     "WeightLayer",
     "check_homogeneous",
     "dense_chain",
+    "feedforward_chain",
     "graph_nodes",
     "is_weight_layer",
     "non_homogeneous_layers",
@@ -422,7 +425,7 @@ def residual_blocks(model):
     return blocks
 
 
-# ------------------------------------------------------------------------------------------- Dense chains
+# ---- Feed-forward chains: the model classes the weight-perturbation certificate covers. ----
 
 # Elementwise activations with σ(0) = 0, 1-Lipschitz and monotone: the certificate holds for them.
 _CERTIFIABLE_ACTIVATIONS = {"linear", "relu", "leaky_relu", "relu6", "elu", "tanh"}
@@ -433,7 +436,7 @@ _NONZERO_AT_ZERO = {"sigmoid", "softplus", "hard_sigmoid", "exponential", "softm
 _SKIPPED_LAYERS = (L.InputLayer, L.Dropout, L.GaussianDropout, L.AlphaDropout, L.GaussianNoise, L.Identity)
 
 
-def _function_name(fn):
+def _callable_activation_name(fn):
     if fn is None:
         return "linear"
     name = getattr(fn, "__name__", None) or type(fn).__name__
@@ -528,7 +531,7 @@ def _standalone_activation(layer, method):
             )
         return "leaky_relu"
     if isinstance(layer, L.Activation):
-        return _function_name(layer.activation)
+        return _callable_activation_name(layer.activation)
     return None
 
 
@@ -564,7 +567,7 @@ def dense_chain(model, method="The weight-perturbation certificate"):
         if isinstance(layer, L.Dense):
             if not layer.built:
                 raise StructureError(f"Layer {layer.name!r} is not built yet; build the model first.")
-            name = _function_name(layer.activation)
+            name = _callable_activation_name(layer.activation)
             dense_layers.append(layer)
             activations.append([layer.activation] if name != "linear" else [])
             names.append([name])
@@ -591,3 +594,225 @@ def dense_chain(model, method="The weight-perturbation certificate"):
                 )
             _check_activation(name, f"layer {dense_layers[index].name!r}", method)
     return DenseChain(dense_layers, activations, names)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChainOp:
+    """One step of a `FeedForwardChain`.
+
+    Attributes:
+        kind: `"dense"`, `"conv"` (weight layers, whose kernels may be perturbed), `"scale"` (inference
+            BatchNorm: `s ⊙ h + t` along the channel axis), `"linear"` (a linear map with non-negative
+            coefficients: Flatten, Reshape, average pooling, zero padding), `"activation"` (elementwise,
+            monotone) or `"max_pool"`.
+        layer: the Keras layer (for `"activation"` of a weight layer: that weight layer).
+        fn: the callable applied to a tensor (for `"activation"`, `"linear"`, `"max_pool"`).
+        params: kind-specific settings: conv `strides`, `padding`, `kernel_size`; activation `activation`
+            (`"piecewise"`, `"elu"`, `"tanh"`), `negative_slope`, `ceiling`; max-pool `pool_size`, `strides`,
+            `padding`.
+    """
+
+    kind: str
+    layer: object
+    fn: object = None
+    params: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def name(self):
+        return self.layer.name
+
+    def scale_shift(self, dtype=tf.float32):
+        """For `"scale"` ops: the inference-mode BatchNorm as `(s, t)` tensors, `s = γ/sqrt(var + eps)`,
+        `t = β − mean · s`, computed in `dtype`."""
+        layer = self.layer
+        variance = tf.cast(layer.moving_variance, dtype)
+        scale = 1.0 / tf.sqrt(variance + tf.constant(float(layer.epsilon), dtype))
+        if layer.gamma is not None:
+            scale = scale * tf.cast(layer.gamma, dtype)
+        shift = -tf.cast(layer.moving_mean, dtype) * scale
+        if layer.beta is not None:
+            shift = shift + tf.cast(layer.beta, dtype)
+        return scale, shift
+
+
+class FeedForwardChain:
+    """A model read as a chain of Dense/Conv2D layers, monotone activations, pooling, Flatten and BatchNorm.
+
+    Attributes:
+        ops: the `ChainOp`s in order, from the input to the logits (the last op is a Dense layer).
+        weight_ops: the `"dense"` and `"conv"` ops (the perturbable layers), in order.
+        names: the weight layers' names.
+        dense_only: True when the chain is a Dense chain (what `dense_chain` reads).
+    """
+
+    def __init__(self, ops):
+        self.ops = list(ops)
+
+    @property
+    def weight_ops(self):
+        return [op for op in self.ops if op.kind in ("dense", "conv")]
+
+    @property
+    def names(self):
+        return [op.name for op in self.weight_ops]
+
+    @property
+    def num_classes(self):
+        return int(self.weight_ops[-1].layer.units)
+
+    @property
+    def dense_only(self):
+        return all(op.kind in ("dense", "activation") or op.kind == "linear" and op.params.get("flatten") for op in self.ops)
+
+
+def _activation_op(layer, fn, name, method, where):
+    _check_activation(name, where, method)
+    if name == "linear":
+        return None
+    if name in ("relu", "leaky_relu"):
+        slope = 0.0 if name == "relu" else -float(tf.reshape(fn(tf.constant([-1.0])), [-1])[0])
+        return ChainOp("activation", layer, fn, {"activation": "piecewise", "negative_slope": slope, "ceiling": None})
+    if name == "relu6":
+        return ChainOp("activation", layer, fn, {"activation": "piecewise", "negative_slope": 0.0, "ceiling": 6.0})
+    return ChainOp("activation", layer, fn, {"activation": name})
+
+
+def _standalone_activation_op(layer, method):
+    if isinstance(layer, L.ReLU):
+        _standalone_activation(layer, method)  # Validates threshold, ceiling and slope.
+        ceiling = None if layer.max_value is None else float(layer.max_value)
+        params = {"activation": "piecewise", "negative_slope": float(layer.negative_slope), "ceiling": ceiling}
+        return ChainOp("activation", layer, layer, params)
+    if isinstance(layer, L.LeakyReLU):
+        _standalone_activation(layer, method)
+        slope = float(getattr(layer, "negative_slope", getattr(layer, "alpha", 0.3)))
+        return ChainOp("activation", layer, layer, {"activation": "piecewise", "negative_slope": slope, "ceiling": None})
+    name = _standalone_activation(layer, method)
+    if name is None:
+        return None
+    return _activation_op(layer, layer.activation, name, method, f"layer {layer.name!r}") or "identity"
+
+
+def _channels_last(layer, method):
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        raise StructureError(f"{method}: layer {layer.name!r} uses data_format={layer.data_format!r}; only "
+                             "channels_last is supported.")
+
+
+def _padding(layer):
+    return str(layer.padding).upper()
+
+
+def feedforward_chain(model, method="The weight-perturbation certificate"):
+    """Reads `model` as a feed-forward chain of Dense/Conv2D layers and monotone elementwise activations.
+
+    Accepted layers: Input, Dropout-like layers (identity at inference), Dense (on flat inputs), Conv2D (any
+    padding and strides; channels_last, no dilation, no groups), Activation/ReLU/LeakyReLU layers and the
+    activations of Dense/Conv2D (linear, relu, leaky_relu, relu6, elu, tanh), MaxPooling2D and
+    AveragePooling2D, GlobalAveragePooling2D, Flatten, Reshape, ZeroPadding2D, and inference-mode
+    BatchNormalization over the channel axis (an elementwise affine map, so the bounds treat it exactly, as if
+    folded into the preceding layer). The last layer must be a Dense layer giving logits.
+
+    Raises:
+        StructureError: naming the first layer outside this class (a residual `Add`, a branch, another
+            layer type, an unsupported activation or an output activation).
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+    ops = []
+    nodes = graph_nodes(model)
+    merges = [n for n in nodes if isinstance(n.layer, (L.Add, L.Concatenate, L.Multiply, L.Subtract, L.Average, L.Maximum, L.Minimum))]
+    for node in merges + nodes:
+        layer = node.layer
+        if isinstance(layer, (L.Add, L.Concatenate, L.Multiply, L.Subtract, L.Average, L.Maximum, L.Minimum)):
+            raise StructureError(
+                f"{method} covers feed-forward chains; the merge layer {layer.name!r} ({type(layer).__name__}) "
+                "joins branches (a residual connection), which is not supported: its branches see the same "
+                "perturbed activations, and the interval/linear bounds here are not implemented for that."
+            )
+        if len(node.parents) > 1 or len(node.children) > 1:
+            raise StructureError(
+                f"{method} covers feed-forward chains; layer {layer.name!r} has several inputs or outputs."
+            )
+        if isinstance(layer, (*_SKIPPED_LAYERS, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D)):
+            continue
+        if isinstance(layer, (L.Dense, L.Conv2D)) and not layer.built:
+            raise StructureError(f"Layer {layer.name!r} is not built yet; build the model first.")
+        if isinstance(layer, L.Dense):
+            ops.append(ChainOp("dense", layer))
+            name = _callable_activation_name(layer.activation)
+            if not node.children and name != "linear":
+                raise StructureError(
+                    f"{method} is stated on logits, but the last Dense layer {layer.name!r} applies {name!r}; "
+                    "remove the output activation (use from_logits=True losses)."
+                )
+            op = _activation_op(layer, layer.activation, name, method, f"layer {layer.name!r}")
+            if op is not None:
+                ops.append(op)
+            continue
+        if type(layer) is L.Conv2D:
+            _channels_last(layer, method)
+            if tuple(layer.dilation_rate) != (1, 1) or getattr(layer, "groups", 1) != 1:
+                raise StructureError(
+                    f"{method}: Conv2D layer {layer.name!r} has dilation {layer.dilation_rate} or groups "
+                    f"{getattr(layer, 'groups', 1)}; only dilation 1 and groups 1 are supported."
+                )
+            params = {"strides": tuple(layer.strides), "padding": _padding(layer), "kernel_size": tuple(layer.kernel_size)}
+            ops.append(ChainOp("conv", layer, params=params))
+            name = _callable_activation_name(layer.activation)
+            op = _activation_op(layer, layer.activation, name, method, f"layer {layer.name!r}")
+            if op is not None:
+                ops.append(op)
+            continue
+        if isinstance(layer, L.BatchNormalization):
+            axis = layer.axis if isinstance(layer.axis, int) else (layer.axis[0] if len(layer.axis) == 1 else None)
+            rank = len(layer.input.shape) if hasattr(layer, "input") else None
+            if axis is None or not (axis == -1 or rank is not None and axis == rank - 1):
+                raise StructureError(
+                    f"{method}: BatchNormalization layer {layer.name!r} normalizes axis {layer.axis}; only the "
+                    "last (channel) axis is supported."
+                )
+            ops.append(ChainOp("scale", layer))
+            continue
+        if isinstance(layer, L.Flatten):
+            ops.append(ChainOp("linear", layer, lambda h: tf.reshape(h, [tf.shape(h)[0], -1]), {"flatten": True}))
+            continue
+        if isinstance(layer, L.Reshape):
+            ops.append(ChainOp("linear", layer, layer, {"flatten": len(layer.target_shape) == 1}))
+            continue
+        if isinstance(layer, (L.AveragePooling2D, L.GlobalAveragePooling2D, L.ZeroPadding2D)):
+            _channels_last(layer, method)
+            ops.append(ChainOp("linear", layer, layer))
+            continue
+        if isinstance(layer, L.MaxPooling2D):
+            _channels_last(layer, method)
+            params = {"pool_size": tuple(layer.pool_size), "strides": tuple(layer.strides), "padding": _padding(layer)}
+            ops.append(ChainOp("max_pool", layer, layer, params))
+            continue
+        if not node.children and isinstance(layer, (L.Activation, L.Softmax, L.ReLU, L.LeakyReLU)):
+            raise StructureError(
+                f"{method} is stated on logits, but the model ends with the activation layer {layer.name!r}; "
+                "remove the output activation (use from_logits=True losses)."
+            )
+        op = _standalone_activation_op(layer, method)
+        if op is None:
+            raise StructureError(
+                f"{method} covers Dense/Conv2D networks with monotone elementwise activations, pooling, Flatten "
+                f"and BatchNorm; layer {layer.name!r} ({type(layer).__name__}) is not supported."
+            )
+        if not any(o.kind in ("dense", "conv") for o in ops):
+            raise StructureError(f"{method}: activation layer {layer.name!r} before the first weight layer.")
+        if op != "identity":
+            ops.append(op)
+    weight = [op for op in ops if op.kind in ("dense", "conv")]
+    if not weight:
+        raise StructureError(f"{method}: model {model.name!r} has no Dense or Conv2D layer.")
+    last = len(ops) - 1 - [op.kind for op in ops[::-1]].index(weight[-1].kind)
+    if weight[-1].kind != "dense" or last != len(ops) - 1:
+        trailing = ops[last + 1].name if last + 1 < len(ops) else weight[-1].name
+        raise StructureError(
+            f"{method} is stated on logits: the model must end with a Dense layer without activation, but "
+            f"layer {trailing!r} follows the last weight layer (remove the output activation; use "
+            "from_logits=True losses)."
+        )
+    return FeedForwardChain(ops)

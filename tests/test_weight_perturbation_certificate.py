@@ -171,7 +171,7 @@ def test_certificate_is_the_exact_worst_case_for_one_linear_layer(norm):
     activation=st.sampled_from(["relu", "tanh", "leaky_relu", "linear"]),
     use_bias=st.booleans(),
     norm=st.sampled_from(["inf", "1", "2"]),
-    mode=st.sampled_from(["norm", "activation"]),
+    mode=st.sampled_from(["norm", "activation", "interval", "linear"]),
     log_epsilon=st.floats(-3.0, 0.0),
     only_one_layer=st.booleans(),
     seed=st.integers(0, 1000),
@@ -276,5 +276,10 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(kw.structure.StructureError, match="logits"):
         wp.certified_margins(softmax, x, y, 0.1)
     cnn = kw.architectures.small_cnn(input_shape=(8, 8, 1), filters=(2,), dense_units=4)
-    with pytest.raises(kw.structure.StructureError, match="Conv2D"):
-        wp.certified_margins(cnn, np.zeros((2, 8, 8, 1), np.float32), y, 0.1)
+    with pytest.raises(kw.structure.StructureError, match="mode='norm' covers Dense chains only"):
+        wp.certified_margins(cnn, np.zeros((2, 8, 8, 1), np.float32), y, 0.1, mode="norm")
+    resnet = kw.architectures.small_resnet(input_shape=(8, 8, 1), channels=2, num_blocks=1)
+    with pytest.raises(kw.structure.StructureError, match="merge layer 'block0_add' \\(Add\\).*residual"):
+        wp.certified_margins(resnet, np.zeros((2, 8, 8, 1), np.float32), y, 0.1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        wp.certified_margins(model, x, y, 0.1, mode="crown")

@@ -101,7 +101,7 @@ def test_weight_perturbation_loss_respects_sample_weight_and_layers():
     penalty = P.WeightPerturbationLoss(1.0, epsilon=0.05, complexity_weight=0.0, layers=["logits"])
     model.compile("sgd", LOSS, regularizers=[penalty])
     logs = model.test_on_batch(x, y, sample_weight=weights, return_dict=True)
-    result = wp.certified_margins(model, x[:4], y[:4], 0.05, layers=["logits"])
+    result = wp.certified_margins(model, x[:4], y[:4], 0.05, layers=["logits"], mode="norm")
     hinge = np.maximum(result["bounds"] - result["margins"], 0).max(axis=1).mean()
     assert logs["weight_perturbation"] == pytest.approx(hinge, rel=1e-5)
 

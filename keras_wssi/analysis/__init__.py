@@ -18,7 +18,9 @@ from keras_wssi.analysis.jacobian import layerwise_spectral_norms
 from keras_wssi.analysis.slope import slope
 from keras_wssi.analysis.slope import slope_distribution
 from keras_wssi.analysis.weight_perturbation import certified_accuracy
+from keras_wssi.analysis.weight_perturbation import certified_accuracy_curve
 from keras_wssi.analysis.weight_perturbation import certified_margins
+from keras_wssi.analysis.weight_perturbation import certified_radius
 from keras_wssi.analysis.weight_perturbation import generalization_bound
 from keras_wssi.analysis.weight_perturbation import margin_change_bounds
 

@@ -12,10 +12,12 @@ import os
 
 import numpy as np
 
+from keras_wssi import structure
+from keras_wssi.analysis.weight_perturbation import certified_accuracy_curve
 from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.version import __version__
 
-__all__ = ["Report", "load_report"]
+__all__ = ["Report", "add_certified_weight_curve", "load_report"]
 
 _FILES = {"json": "report.json", "markdown": "summary.md", "plot": "accuracy_vs_epsilon.png"}
 
@@ -284,3 +286,38 @@ def _short(value):
 def _settings_line(settings):
     skip = {"examples_used"}
     return ", ".join(f"{k}={_short(v)}" for k, v in settings.items() if k not in skip)
+
+
+def add_certified_weight_curve(report, name, model, images, labels, epsilons, norm="inf", relative=True, mode="linear", max_examples=1000):
+    """Adds the *certified* accuracy under weight perturbations to `report` as the family `"weights/certified"`.
+
+    The same radii, norm and relative scaling as `evaluate_weight_perturbations`'s curves
+    (`"weights/random"`, `"weights/adversarial"`), so the plot shows what is proven below what is attacked:
+    every perturbation in the ball `||Δ_l|| ≤ ε_l` keeps a certified example correct
+    (`keras_wssi.analysis.certified_accuracy_curve`). Models outside the certificate's class (residual
+    blocks, unsupported layers) get a note naming the layer instead of a curve.
+
+    Args:
+        report: a `Report` with `name` added.
+        model, images, labels: the classifier (logits) and its evaluation data (the first `max_examples` are
+            certified).
+        epsilons: the radii; norm, relative, mode: as `keras_wssi.analysis.certified_margins`.
+
+    Returns:
+        The curve dict (`accuracy` = certified accuracy), or None when the model is not covered.
+
+    Example:
+
+    ```python
+    add_certified_weight_curve(report, "mlp", model, x_test, y_test, [0, 0.001, 0.01])
+    ```
+    """
+    images, labels = np.asarray(images)[:max_examples], np.asarray(labels)[:max_examples]
+    try:
+        curve = certified_accuracy_curve(model, images, labels, epsilons, norm=norm, relative=relative, mode=mode)
+    except structure.StructureError as error:
+        report.add_note(name, f"weights/certified skipped: {error}")
+        return None
+    curve = dict(curve, accuracy=curve["certified_accuracy"])
+    report.add_curve(name, "weights/certified", curve)
+    return curve

@@ -22,12 +22,11 @@ snapshot taken before is compared (and restored, bit for bit) in a `finally` blo
 import numpy as np
 import tensorflow as tf
 
-from keras_wssi import linalg
 from keras_wssi import structure
-from keras_wssi.analysis.weight_perturbation import operator_norm
-from keras_wssi.analysis.weight_perturbation import validate_epsilon
-from keras_wssi.analysis.weight_perturbation import validate_layers
-from keras_wssi.analysis.weight_perturbation import validate_weight_norm
+from keras_wssi.margin_bounds import operator_norm
+from keras_wssi.margin_bounds import validate_epsilon
+from keras_wssi.margin_bounds import validate_layers
+from keras_wssi.margin_bounds import validate_weight_norm
 
 __all__ = ["evaluate_weight_perturbations", "project_to_ball", "steepest_ascent_vertex"]
 

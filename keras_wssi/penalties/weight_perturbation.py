@@ -2,7 +2,7 @@
 
 - `WeightPerturbationLoss`: Tsai, Hsu, Yu, Chen, "Formalizing Generalization and Robustness of Neural
   Networks to Weight Perturbations" (arXiv 2103.02200), whose certified-margin bound and perturbed-class
-  complexity (see `keras_wssi.analysis.weight_perturbation`) become a margin hinge and a complexity term.
+  complexity (see `keras_wssi.margin_bounds`, shared with `keras_wssi.analysis.certified_margins`) become a margin hinge and a complexity term.
   The combination is our reconstruction (DESIGN.md §1.4).
 - `SharpnessAwareMinimization`: Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-Aware Minimization for
   Efficiently Improving Generalization" (ICLR 2021), the comparison baseline, written as a penalty whose
@@ -13,7 +13,8 @@
 import tensorflow as tf
 
 from keras_wssi import linalg
-from keras_wssi.analysis import weight_perturbation as analysis
+from keras_wssi import margin_bounds
+from keras_wssi import structure
 from keras_wssi.penalties.base import Penalty
 from keras_wssi.penalties.base import register_penalty
 
@@ -21,15 +22,14 @@ __all__ = ["SharpnessAwareMinimization", "WeightPerturbationLoss"]
 
 
 def _non_negative(value, argument):
-    return analysis.validate_epsilon(value, argument)
+    return margin_bounds.validate_epsilon(value, argument)
 
 
 @register_penalty("weight_perturbation")
 class WeightPerturbationLoss(Penalty):
     """The theory-driven loss for robustness to weight perturbations (Tsai et al. 2021; reconstructed).
 
-    With the certified-margin bounds `bound_{y,i}` of `keras_wssi.analysis.margin_change_bounds` (the
-    worst-case decrease of the margin `m_{y,i} = z_y − z_i` over `||Δ_l|| ≤ ε_l`) the value is
+    With the certified-margin bounds `bound_{y,i}` of `keras_wssi.margin_bounds` (the worst-case decrease of the margin `m_{y,i} = z_y − z_i` over `||Δ_l|| ≤ ε_l`) the value is
 
         margin_weight · mean_x max_{i≠y} [bound_{y,i}(x) − m_{y,i}(x)]_+  +  complexity_weight · ∏_l (||W_l|| + ε_l)
 
@@ -45,9 +45,13 @@ class WeightPerturbationLoss(Penalty):
         margin_weight: weight of the margin hinge term (≥ 0).
         complexity_weight: weight of the complexity term (≥ 0).
         norm: `"inf"` (max-row-ℓ1, default) or `"1"` (max-column-ℓ1); cheap and differentiable.
-        layers: names of the perturbed Dense layers (None: all); the others get ε_l = 0.
-        mode: `"norm"` (DESIGN.md's bound from `||x||` and weight norms) or `"activation"` (uses the hidden
-            activations; tighter, one extra forward pass of the Dense chain).
+        layers: names of the perturbed weight layers (None: all); the others get ε_l = 0.
+        mode: `"norm"` (DESIGN.md's bound from `||x||` and weight norms; Dense chains), `"activation"` (uses
+            the hidden activations; tighter, one extra forward pass of the Dense chain), `"interval"`
+            (element-wise bounds of every activation: two extra matrix products per layer, one with `|W|`;
+            Dense and convolutional chains; far tighter) or `"linear"` (linear bounds, as the certificate's
+            default but without refining hidden boxes: one extra backward pass per class; the tightest and
+            the most expensive). docs/weight_perturbation_and_slope.md §3 gives the measured step times.
         name: metric name (default `"weight_perturbation"`).
 
     Example:
@@ -76,12 +80,10 @@ class WeightPerturbationLoss(Penalty):
         self.epsilon = _non_negative(epsilon, "epsilon")
         self.margin_weight = _non_negative(margin_weight, "margin_weight")
         self.complexity_weight = _non_negative(complexity_weight, "complexity_weight")
-        self.norm = analysis.validate_weight_norm(norm)
+        self.norm = margin_bounds.validate_weight_norm(norm)
         if self.norm == "2":
             raise ValueError("norm: the training loss supports 'inf' and '1' (the spectral norm needs an SVD per step).")
-        if mode not in ("norm", "activation"):
-            raise ValueError(f"mode must be 'norm' or 'activation', got {mode!r}.")
-        self.mode = mode
+        self.mode = margin_bounds.validate_mode(mode)
         if layers is not None:
             if isinstance(layers, str):
                 layers = [layers]
@@ -90,24 +92,44 @@ class WeightPerturbationLoss(Penalty):
         super().__init__(strength=strength, name=name)
 
     def build(self, model):
-        self._chain = analysis.dense_chain(model, method=f"The penalty {self.name!r}")
-        self._radii = analysis.layer_radii(self._chain, self.epsilon, layers=self.layers, norm=self.norm)
+        method = f"The penalty {self.name!r}"
+        if self.mode in ("norm", "activation"):
+            self._chain = structure.dense_chain(model, method=method)
+            self._dense = self._chain
+            kernels = self._chain.kernels
+        else:
+            self._chain = structure.feedforward_chain(model, method=method)
+            kernels = [op.layer.kernel for op in self._chain.weight_ops]
+            try:
+                self._dense = structure.dense_chain(model, method=method)
+            except structure.StructureError:
+                self._dense = None
+        self._kernels = kernels
+        self._radii = margin_bounds.layer_radii(self._chain.names, kernels, self.epsilon, layers=self.layers, norm=self.norm)
         super().build(model)
 
     def call(self, context):
         if context.y is None:
             raise ValueError(f"{self.name} needs labels (y) to compute margins.")
         logits = context.logits
-        labels = analysis._labels_vector(context.y, logits.shape[-1])
-        bounds = analysis.margin_change_bounds(self._chain, context.x, labels, self._radii, self.norm, self.mode)
-        margins = analysis._margins(logits, labels)
+        labels = margin_bounds.labels_vector(context.y, logits.shape[-1])
+        margins = margin_bounds.margins(tf.cast(logits, tf.float32), labels)
+        if self.mode in ("norm", "activation"):
+            bounds = margin_bounds.activation_norm_bounds(self._chain, context.x, labels, self._radii, self.norm, self.mode)
+        else:
+            # The hinge uses the step's own margins; the bound's lower margins enter through their distance.
+            result = margin_bounds.bound_margins(
+                self._chain, context.x, labels, self._radii, self.norm, self.mode, dense=None, refine_limit=0,
+                dtype=tf.float32,
+            )
+            bounds = result["margins"] - result["lower"]
         # Column y has bound 0 and margin 0: its hinge is 0, so the max over all columns is the max over i ≠ y.
         hinge = tf.reduce_max(tf.nn.relu(bounds - margins), axis=-1)
         value = tf.zeros([], tf.float32)
         if self.margin_weight:
             value += self.margin_weight * context.reduce_per_example(hinge)
         if self.complexity_weight:
-            value += self.complexity_weight * analysis.perturbed_class_complexity(self._chain, self._radii, self.norm)
+            value += self.complexity_weight * margin_bounds.perturbed_class_complexity(self._kernels, self._radii, self.norm)
         return value
 
     def get_config(self):
