@@ -332,7 +332,7 @@ def test_training_loss_interval_and_linear_modes():
     model.compile(keras.optimizers.SGD(0.0), loss, regularizers=[penalty])
     logs = model.test_on_batch(x, y, return_dict=True)
     # Hinge [bound − margin]_+ with bound = margin − lower: the mean of max_i [−lower_{y,i}]_+.
-    k1, b1, k2, b2 = (np.asarray(v, np.float64) for v in model.get_weights())
+    k1, b1, k2, b2 = (np.asarray(v, np.float64) for v in model.trainable_variables)
     z = x.astype(np.float64) @ k1 + b1
     spread = 0.05 * np.abs(x).max(axis=1, keepdims=True)
     low, high = np.maximum(z - spread, 0), np.maximum(z + spread, 0)

@@ -167,10 +167,11 @@ def test_bad_arguments():
         P.SharpnessAwareMinimization(rho=-0.1)
     x, y = data()
     model = tiny_mlp()
-    model.compile("sgd", LOSS, regularizers=[P.WeightPerturbationLoss(layers=["missing"])])
     with pytest.raises(ValueError, match="'missing'.*do not exist"):
+        # Penalties are built, and read the model, at compile time.
+        model.compile("sgd", LOSS, regularizers=[P.WeightPerturbationLoss(layers=["missing"])])
         model.train_on_batch(x, y)
     model = tiny_mlp(activation="gelu")
-    model.compile("sgd", LOSS, regularizers=[P.WeightPerturbationLoss()])
     with pytest.raises(kw.structure.StructureError, match="non-monotone"):
+        model.compile("sgd", LOSS, regularizers=[P.WeightPerturbationLoss()])
         model.train_on_batch(x, y)
