@@ -58,6 +58,13 @@ flags.DEFINE_boolean("recover_logits", False, "Accept softmax-output models by r
 flags.DEFINE_boolean("weight_perturbation", False, "Also evaluate accuracy under weight perturbations.")
 flags.DEFINE_list("weight_epsilons", ["0", "0.01", "0.02", "0.05", "0.1"], "Relative weight-perturbation radii.")
 flags.DEFINE_list("weight_kinds", ["random", "adversarial"], "Weight-perturbation kinds.")
+flags.DEFINE_boolean("diagnostics", False, "Run the gradient-masking checks on every model (docs/gradient_masking.md).")
+flags.DEFINE_float("diagnostics_epsilon", 0.1, "ε of the gradient-masking checks (and of the RobustBench-style fields).")
+flags.DEFINE_enum("threat_model", "linf", ["linf", "l2"], "Norm of the RobustBench-style fields and of the checks.")
+flags.DEFINE_integer("diagnostics_examples", 500, "Test examples for the gradient-masking checks.")
+flags.DEFINE_integer("diagnostics_square_examples", 200, "Examples for the Square attack of the checks.")
+flags.DEFINE_string("surrogate", "", "Unregularized .keras model for the transfer check (default: a model named "
+                    "'none' among --models, else the check is skipped).")
 flags.DEFINE_string("output_dir", "reports/default", "Where report.json, summary.md and the plots go.")
 flags.DEFINE_string("title", "Robustness report", "Report title.")
 flags.DEFINE_boolean("progress", True, "Progress bars.")
@@ -146,6 +153,19 @@ def run(argv):
             "command": " ".join(["python", "examples/evaluate.py"] + sys.argv[1:]),
         },
     )
+    report.set_threat_model(FLAGS.threat_model, FLAGS.diagnostics_epsilon)
+    surrogate = None
+    if FLAGS.diagnostics:
+        if FLAGS.surrogate:
+            surrogate = evaluation.load_model(FLAGS.surrogate)[0]
+        elif "none" in names:
+            surrogate = loaded[names.index("none")][0]
+    diagnostics = None
+    if FLAGS.diagnostics:
+        diagnostics = {"epsilon": FLAGS.diagnostics_epsilon, "norm": FLAGS.threat_model,
+                       "steps": FLAGS.pgd_steps, "examples": FLAGS.diagnostics_examples,
+                       "square_examples": FLAGS.diagnostics_square_examples,
+                       "square_queries": FLAGS.square_max_iter}
     for name, path, (model, training_metrics) in zip(names, models, loaded):
         logging.info("Evaluating %s (%s)", name, path)
         evaluation.evaluate_model(
@@ -170,6 +190,9 @@ def run(argv):
             source=path,
             training_metrics=training_metrics,
             progress=FLAGS.progress,
+            diagnostics=None if diagnostics is None else dict(
+                diagnostics, surrogate_name=os.path.basename(FLAGS.surrogate) if FLAGS.surrogate else "none"),
+            surrogate=surrogate,
         )
         if weight_module is not None:
             for kind in FLAGS.weight_kinds:

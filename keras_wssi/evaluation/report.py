@@ -264,19 +264,26 @@ class Report:
 
     # -- plots -------------------------------------------------------------------------------------------
 
-    def plot(self, path, families=None, dpi=80):
-        """Writes one figure with a panel per family (accuracy vs ε, one line per model) to `path`."""
-        import matplotlib
+    def figure(self, families=None):
+        """A matplotlib `Figure`: one panel per family (accuracy vs ε, one line per model, a legend in each),
+        titled with the data set and threat model (`plot_title`), panels named in words (`family_display_name`).
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        Example:
+
+        ```python
+        figure = report.figure(["attack/pgd"])
+        figure.axes[0].get_title()   # 'PGD-40 L∞'
+        ```
+        """
+        from matplotlib.figure import Figure
 
         families = list(families or self.families)
         if not families:
             raise EvaluationError("The report has no curves to plot: add_curve() first.")
         columns = min(3, len(families))
         rows = -(-len(families) // columns)
-        figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+        figure = Figure(figsize=(4.2 * columns, 3.4 * rows + 0.4))
+        axes = figure.subplots(rows, columns, squeeze=False)
         for axis, family in zip(axes.flat, families):
             for name, model in self.models.items():
                 curve = model["curves"].get(family)
@@ -294,8 +301,11 @@ class Report:
             axis.axis("off")
         figure.suptitle(self.plot_title(), fontsize=11)
         figure.tight_layout()
-        figure.savefig(path, dpi=dpi)
-        plt.close(figure)
+        return figure
+
+    def plot(self, path, families=None, dpi=80):
+        """Writes `figure(families)` to `path` (PNG)."""
+        self.figure(families).savefig(path, dpi=dpi)
         return path
 
     def plot_title(self):

@@ -151,7 +151,8 @@ def evaluate_model(
         training_metrics: the training script's `metrics.json` content, recorded as is.
         progress: progress bars.
         diagnostics: run the gradient-masking checks (`diagnostics.gradient_masking_checks`): True for its
-            defaults at ε = 0.1 L∞, a dict of its keyword arguments, or None/False to skip. `seed`,
+            defaults at ε = 0.1 L∞, a dict of its keyword arguments (plus `"examples"`: run them on the first
+            N images only), or None/False to skip. `seed`,
             `batch_size` and `recover_logits` are passed on unless the dict sets them.
         surrogate: an unregularized model for the transfer check (None skips that check; a model is not used
             as its own surrogate).
@@ -210,7 +211,8 @@ def evaluate_model(
         options.setdefault("recover_logits", recover_logits)
         if surrogate is not None and surrogate is not model:
             options.setdefault("surrogate", surrogate)
-        result = diagnostics_module.gradient_masking_checks(model, images, labels, **options)
+        count = int(options.pop("examples", 0) or len(images))
+        result = diagnostics_module.gradient_masking_checks(model, images[:count], labels[:count], **options)
         report.set_diagnostics(name, result)
         report.add_note(name, result["summary"].replace("the model", "this model", 1))
     return entry
