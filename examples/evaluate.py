@@ -10,7 +10,13 @@ Several models, more attacks:
     python examples/evaluate.py --data_dir=../shared/data \
         --models=runs/none/model.keras,runs/weissi/model.keras --attacks=fgsm,pgd,pgd_l2,cw_l2,square
 
-Writes into --output_dir: `report.json` (every number with its settings), `summary.md` (tables),
+Gradient-masking checks for every model (docs/gradient_masking.md; a model named `none` is the transfer surrogate):
+
+    python examples/evaluate.py --data_dir=../shared/data --models=runs/none/model.keras,runs/cure/model.keras \
+        --names=none,cure --diagnostics --diagnostics_epsilon=0.1
+
+Writes into --output_dir: `report.json` (every number with its settings, RobustBench-style fields per model under
+`robustbench`), `summary.md` (tables),
 `accuracy_vs_epsilon.png` (one panel per attack / noise family, one line per model) and `plots/`.
 Gradient attacks are cleverhans's `tf2` functions, run batched and compiled by keras_wssi; `cw_l2` and
 `square` come from the Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`).
@@ -62,6 +68,7 @@ flags.DEFINE_boolean("diagnostics", False, "Run the gradient-masking checks on e
 flags.DEFINE_float("diagnostics_epsilon", 0.1, "ε of the gradient-masking checks (and of the RobustBench-style fields).")
 flags.DEFINE_enum("threat_model", "linf", ["linf", "l2"], "Norm of the RobustBench-style fields and of the checks.")
 flags.DEFINE_integer("diagnostics_examples", 500, "Test examples for the gradient-masking checks.")
+flags.DEFINE_integer("diagnostics_strong_steps", 100, "PGD steps of the checks' 'more steps and restarts' attack.")
 flags.DEFINE_integer("diagnostics_square_examples", 200, "Examples for the Square attack of the checks.")
 flags.DEFINE_string("surrogate", "", "Unregularized .keras model for the transfer check (default: a model named "
                     "'none' among --models, else the check is skipped).")
@@ -164,6 +171,7 @@ def run(argv):
     if FLAGS.diagnostics:
         diagnostics = {"epsilon": FLAGS.diagnostics_epsilon, "norm": FLAGS.threat_model,
                        "steps": FLAGS.pgd_steps, "examples": FLAGS.diagnostics_examples,
+                       "strong_steps": FLAGS.diagnostics_strong_steps,
                        "square_examples": FLAGS.diagnostics_square_examples,
                        "square_queries": FLAGS.square_max_iter}
     for name, path, (model, training_metrics) in zip(names, models, loaded):

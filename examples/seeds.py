@@ -19,7 +19,7 @@ unregularized surrogate). It then prints and writes, per data set:
 A configuration is `name:penalties`, penalties as examples/train.py's --penalties (`;`-separated for several,
 empty for none). Runs go to `--output_dir/<dataset>/<name>/seed<k>`; a run whose model.keras and metrics.json
 exist is reused (rerun the command to resume), and so is its evaluation when its settings did not change.
-Writes `results.json` and `results.md` into --output_dir.
+Writes `results.json` and `results.md` (`--results_name`) into --output_dir.
 """
 
 import hashlib
@@ -75,7 +75,8 @@ flags.DEFINE_integer("square_queries", 300, "Square queries per image.")
 flags.DEFINE_integer("strong_steps", 100, "PGD steps of the 'more steps and restarts' check.")
 flags.DEFINE_integer("strong_restarts", 2, "Restarts of the 'more steps and restarts' check.")
 flags.DEFINE_float("confidence", statistics.DEFAULT_CONFIDENCE, "Coverage of the Student-t intervals.")
-flags.DEFINE_string("output_dir", "runs/seeds", "Where runs, results.json and results.md go.")
+flags.DEFINE_string("output_dir", "runs/seeds", "Where the runs and the results files go.")
+flags.DEFINE_string("results_name", "results", "Results files: <output_dir>/<results_name>.json and .md.")
 flags.DEFINE_boolean("train_jit_compile", True, "XLA for training (examples/train.py --jit_compile).")
 
 for _name in ("seeds", "epochs", "eval_examples", "pgd_steps"):
@@ -228,8 +229,17 @@ def aggregate(configs, runs, baseline, confidence):
                     continue
                 tests[metric] = statistics.welch_test([r["metrics"][metric] for r in runs[name]], base_values)
             table[name]["welch_vs_baseline"] = tests
-        if FLAGS.diagnostics:
+        if all("diagnostics" in r for r in runs[name]):
             table[name]["masking_verdicts"] = [r["diagnostics"]["summary"] for r in runs[name]]
+            counts = {}
+            for r in runs[name]:
+                for check in r["diagnostics"]["checks"]:
+                    passed, ran = counts.get(check["check"], (0, 0))
+                    if check["passed"] is not None:
+                        counts[check["check"]] = (passed + bool(check["passed"]), ran + 1)
+                    else:
+                        counts.setdefault(check["check"], (0, 0))
+            table[name]["masking_checks"] = {k: {"passed": p, "ran": n} for k, (p, n) in counts.items()}
     return table
 
 
@@ -260,6 +270,15 @@ def markdown(results):
                 test = row.get("welch_vs_baseline", {}).get(metric)
                 cells.append("–" if test is None else f"{test['difference']:+.3g} (p={test['p_value']:.2g})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        checked = {name: row["masking_checks"] for name, row in table.items() if "masking_checks" in row}
+        if checked:
+            checks = list(next(iter(checked.values())))
+            lines += ["", f"Gradient-masking checks (keras_wssi/evaluation/diagnostics.py), seeds passing / seeds run:",
+                      "", "| configuration | " + " | ".join(checks) + " | verdict |", "|---|" + "---|" * (len(checks) + 1)]
+            for name, counts in checked.items():
+                cells = [f"{counts[c]['passed']}/{counts[c]['ran']}" if counts[c]["ran"] else "skipped" for c in checks]
+                clean = all(counts[c]["passed"] == counts[c]["ran"] for c in checks)
+                lines.append(f"| {name} | " + " | ".join(cells) + " | " + ("passes" if clean else "**flagged**") + " |")
         differ = all(row["seeds_differ"] for row in table.values())
         lines += ["", "Seeds differ (distinct weights in every configuration): " + ("yes" if differ else "**NO**"), ""]
     return "\n".join(lines) + "\n"
@@ -295,10 +314,10 @@ def run(argv):
         results["datasets"][dataset] = {"baseline": baseline,
                                         "table": aggregate(configs, runs, baseline, FLAGS.confidence)}
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, "results.json"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(FLAGS.output_dir, FLAGS.results_name + ".json"), "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=2, allow_nan=False)
     text = markdown(results)
-    with open(os.path.join(FLAGS.output_dir, "results.md"), "w", encoding="utf-8") as handle:
+    with open(os.path.join(FLAGS.output_dir, FLAGS.results_name + ".md"), "w", encoding="utf-8") as handle:
         handle.write(text)
     print(text)
     return results

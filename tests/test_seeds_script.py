@@ -95,7 +95,7 @@ def test_evaluate_cli_writes_robustbench_fields_and_diagnostics(seeds_run, data_
         [sys.executable, os.path.join(REPO_ROOT, "examples", "evaluate.py"), f"--models={','.join(models)}",
          "--names=none,wd", f"--data_dir={data_dir}", f"--output_dir={report_dir}", "--num_examples=100",
          "--train_examples=0", "--attacks=fgsm,pgd", "--pgd_steps=5", "--epsilons=0,0.1", "--noise=",
-         "--jacobian_examples=0", "--progress=false", "--diagnostics", "--diagnostics_examples=60",
+         "--jacobian_examples=0", "--progress=false", "--diagnostics", "--diagnostics_examples=60", "--diagnostics_strong_steps=10",
          "--diagnostics_square_examples=30", "--square_max_iter=50"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -124,3 +124,25 @@ def test_evaluate_cli_writes_robustbench_fields_and_diagnostics(seeds_run, data_
     summary = open(os.path.join(report_dir, "summary.md"), encoding="utf-8").read()
     assert "## RobustBench-style summary (L∞, ε=0.1)" in summary and "## Gradient-masking checks" in summary
     assert "## attack/pgd: PGD-5 L∞" in summary
+
+
+def test_masking_table_counts_seeds_per_check():
+    sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+    import seeds
+
+    def run(accuracy, fingerprint, transfer_passed):
+        checks = [{"check": "unbounded_epsilon", "passed": True},
+                  {"check": "transfer_not_stronger", "passed": transfer_passed}]
+        return {"metrics": {"test_accuracy": accuracy}, "weights_sha256": fingerprint,
+                "diagnostics": {"summary": "…", "checks": checks}}
+
+    runs = {"none": [run(0.90, "a", None), run(0.91, "b", None)],
+            "cure": [run(0.95, "c", True), run(0.96, "c", False)]}
+    table = seeds.aggregate([("none", []), ("cure", ["cure:1"])], runs, "none", 0.95)
+    assert table["cure"]["masking_checks"]["transfer_not_stronger"] == {"passed": 1, "ran": 2}
+    assert table["none"]["masking_checks"]["transfer_not_stronger"] == {"passed": 0, "ran": 0}
+    assert table["none"]["seeds_differ"] and not table["cure"]["seeds_differ"]
+    text = seeds.markdown({"seeds": 2, "confidence": 0.95, "datasets": {"mnist": {"baseline": "none", "table": table}}})
+    assert "| cure | 2/2 | 1/2 | **flagged** |" in text and "| none | 2/2 | skipped | passes |" in text
+    assert "Seeds differ (distinct weights in every configuration): **NO**" in text
+    assert "0.9550 ± 0.0635" in text  # mean ± t_{0.975,1} · s/√2 = 12.706 · 0.00707 / 1.414
