@@ -90,7 +90,9 @@ METRICS = {
     "jacobian_spectral_norm_mean": ("mean σ_max(J)", "{:.2f}"),
     "fgsm_accuracy": ("FGSM", "{:.3f}"),
     "pgd_accuracy": ("PGD", "{:.3f}"),
+    "strong_pgd_accuracy": ("PGD, more steps + restarts", "{:.3f}"),
     "white_box_accuracy": ("white-box worst case", "{:.3f}"),
+    "large_epsilon_accuracy": ("PGD at huge ε", "{:.3f}"),
     "square_accuracy": ("Square", "{:.3f}"),
     "transfer_accuracy": ("transfer", "{:.3f}"),
     "masking_checks_passed": ("masking checks passed", "{:.2f}"),
@@ -167,6 +169,24 @@ def evaluation_settings():
             "strong_steps": FLAGS.strong_steps, "strong_restarts": FLAGS.strong_restarts}
 
 
+def diagnostic_metrics(checks):
+    """Per-run numbers from the gradient-masking checks: each attack's accuracy and the fraction of checks passed."""
+    metrics = {"white_box_accuracy": checks["white_box_accuracy"]}
+    large = checks["checks"][[c["check"] for c in checks["checks"]].index("unbounded_epsilon")]
+    for attack in checks["attacks"]:
+        if attack["name"].startswith("Square"):
+            metrics["square_accuracy"] = attack["accuracy"]
+        elif "transferred" in attack["name"]:
+            metrics["transfer_accuracy"] = attack["accuracy"]
+        elif "restarts" in attack["name"]:
+            metrics["strong_pgd_accuracy"] = attack["accuracy"]
+        elif attack["epsilon"] == large["large_epsilon"]:
+            metrics["large_epsilon_accuracy"] = attack["accuracy"]
+    ran = [c for c in checks["checks"] if c["passed"] is not None]
+    metrics["masking_checks_passed"] = sum(bool(c["passed"]) for c in ran) / len(ran)
+    return metrics
+
+
 def evaluate_run(run_dir, seed, images, labels, surrogate_dir):
     """The run's metrics: from metrics.json plus FGSM/PGD (and the masking checks); cached in evaluation.json."""
     cache = os.path.join(run_dir, "evaluation.json")
@@ -175,6 +195,8 @@ def evaluate_run(run_dir, seed, images, labels, surrogate_dir):
         with open(cache, encoding="utf-8") as handle:
             cached = json.load(handle)
         if cached.get("settings") == settings and cached.get("surrogate") == surrogate_dir:
+            if "diagnostics" in cached:
+                cached["metrics"].update(diagnostic_metrics(cached["diagnostics"]))
             return cached
     model, training = evaluation.load_model(os.path.join(run_dir, "model.keras"))
     metrics = {
@@ -200,14 +222,7 @@ def evaluate_run(run_dir, seed, images, labels, surrogate_dir):
             square_queries=FLAGS.square_queries, square_examples=FLAGS.square_examples, surrogate=surrogate,
             surrogate_name=os.path.basename(os.path.dirname(surrogate_dir or "")) or "surrogate", seed=seed,
             batch_size=500)
-        by_key = {a["name"]: a["accuracy"] for a in checks["attacks"]}
-        metrics["white_box_accuracy"] = checks["white_box_accuracy"]
-        metrics["square_accuracy"] = next(a["accuracy"] for a in checks["attacks"] if a["name"].startswith("Square"))
-        transfer = [v for k, v in by_key.items() if "transferred" in k]
-        if transfer:
-            metrics["transfer_accuracy"] = transfer[0]
-        ran = [c for c in checks["checks"] if c["passed"] is not None]
-        metrics["masking_checks_passed"] = sum(bool(c["passed"]) for c in ran) / len(ran)
+        metrics.update(diagnostic_metrics(checks))
         result["diagnostics"] = checks
     with open(cache, "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2, allow_nan=False)

@@ -260,7 +260,8 @@ def gradient_masking_checks(
     results, correct = {}, {}
     for key, attack, eps in (("single_step", single, epsilon), ("iterative", base, epsilon),
                              ("strong", strong, epsilon), ("large_epsilon", base, large_epsilon)):
-        results[key], correct[key] = _run(attack_display_name(attack.settings()), runner(attack), eps=eps, **common)
+        display = attack_display_name(attack.settings()) + (f" at ε={eps:g}" if key == "large_epsilon" else "")
+        results[key], correct[key] = _run(display, runner(attack), eps=eps, **common)
     for attack in extra:
         results[attack.name], correct[attack.name] = _run(attack.name, attack, eps=epsilon, **common)
     white_box_keys = ["single_step", "iterative", "strong"] + [a.name for a in extra]
@@ -289,7 +290,7 @@ def gradient_masking_checks(
     a_large = results["large_epsilon"]["accuracy"]
     checks.append(_check(
         "unbounded_epsilon", a_large <= unbounded_accuracy,
-        f"at ε={large_epsilon:g} ({norm}) {results['large_epsilon']['name']} leaves {a_large:.3f} accuracy"
+        f"{results['large_epsilon']['name']} ({norm}) leaves {a_large:.3f} accuracy"
         + (f", above {unbounded_accuracy:.2f}: the gradients do not lead the attack out of the class even when "
            "any image is reachable." if a_large > unbounded_accuracy else "."),
         accuracy=a_large, large_epsilon=large_epsilon))
