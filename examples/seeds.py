@@ -63,7 +63,7 @@ flags.DEFINE_integer("seeds", 3, "Seeds per configuration (0 … K−1).")
 flags.DEFINE_integer("epochs", 2, "Training epochs.")
 flags.DEFINE_integer("train_examples", 10000, "Training examples (the first N; 0: all 60,000).")
 flags.DEFINE_list("hidden_units", ["256", "256"], "Hidden widths of the MLP.")
-flags.DEFINE_integer("jacobian_examples", 500, "Test examples for mean σ_max(J) (examples/train.py --jacobian_examples).")
+flags.DEFINE_integer("jacobian_examples", 500, "Test examples for mean σ_max(J) (train.py --jacobian_examples).")
 flags.DEFINE_string("model", "mlp", "Architecture (examples/train.py --model).")
 flags.DEFINE_integer("eval_examples", 1000, "Test images for the attacks (the first N).")
 flags.DEFINE_float("epsilon", 0.1, "L∞ ε of FGSM, PGD and the diagnostics.")
@@ -272,7 +272,8 @@ def markdown(results):
             for metric in metrics:
                 entry = row["summary"].get(metric)
                 fmt = METRICS[metric][1]
-                cells.append("–" if entry is None else f"{fmt.format(entry['mean'])} ± {fmt.format(entry['half_width'])}")
+                cells.append("–" if entry is None
+                             else f"{fmt.format(entry['mean'])} ± {fmt.format(entry['half_width'])}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", f"Welch's t-test against `{baseline}` (difference, two-sided p):", ""]
         lines.append("| configuration | " + " | ".join(METRICS[m][0] for m in metrics) + " |")
@@ -288,8 +289,9 @@ def markdown(results):
         checked = {name: row["masking_checks"] for name, row in table.items() if "masking_checks" in row}
         if checked:
             checks = list(next(iter(checked.values())))
-            lines += ["", f"Gradient-masking checks (keras_wssi/evaluation/diagnostics.py), seeds passing / seeds run:",
-                      "", "| configuration | " + " | ".join(checks) + " | verdict |", "|---|" + "---|" * (len(checks) + 1)]
+            lines += ["", "Gradient-masking checks (keras_wssi/evaluation/diagnostics.py), seeds passing / seeds run:",
+                      "", "| configuration | " + " | ".join(checks) + " | verdict |",
+                      "|---|" + "---|" * (len(checks) + 1)]
             for name, counts in checked.items():
                 cells = [f"{counts[c]['passed']}/{counts[c]['ran']}" if counts[c]["ran"] else "skipped" for c in checks]
                 clean = all(counts[c]["passed"] == counts[c]["ran"] for c in checks)

@@ -123,12 +123,19 @@ def test_extra_white_box_attack_joins_the_worst_case(mnist_models):
         calls.append((len(x), eps, norm, seed))
         return np.zeros(len(x), dtype=bool)
 
-    extra = diagnostics.ExtraAttack("oracle", break_everything, (("forward_passes", 0),))
-    result = diagnostics.gradient_masking_checks(
-        masked, images[:50], labels[:50], extra_attacks=[extra], **dict(SETTINGS, strong_steps=5, square_queries=20,
-                                                                        square_examples=20))
+    # The hook the attack ensemble uses: registered once, it joins every run's white-box worst case.
+    diagnostics.register_white_box_attack("oracle", break_everything, {"forward_passes": 0})
+    try:
+        result = diagnostics.gradient_masking_checks(
+            masked, images[:50], labels[:50], **dict(SETTINGS, strong_steps=5, square_queries=20, square_examples=20))
+    finally:
+        del diagnostics.WHITE_BOX_ATTACKS["oracle"]
     assert calls == [(50, 0.1, "linf", 0)]
     assert result["white_box_accuracy"] == 0.0 and "oracle" in result["white_box_attacks"]
+    # A white-box attack that breaks everything leaves Square nothing to beat: that check now passes.
+    assert {c["check"]: c for c in result["checks"]}["gradient_free_not_stronger"]["passed"] is True
+    with pytest.raises(evaluation.EvaluationError, match="must be callable"):
+        diagnostics.register_white_box_attack("bad", None)
     with pytest.raises(evaluation.EvaluationError, match="one boolean per example"):
         bad = diagnostics.ExtraAttack("bad", lambda *args: np.zeros(3, dtype=bool))
         diagnostics.gradient_masking_checks(masked, images[:10], labels[:10], extra_attacks=[bad],

@@ -268,16 +268,15 @@ def gradient_masking_checks(
     white_box = np.logical_and.reduce([clean] + [correct[k] for k in white_box_keys])
 
     if surrogate is not None:
-        transfer_runner = runner(base, target=surrogate)
-        results["transfer"], correct["transfer"] = _run(
-            f"{attack_display_name(base.settings())} transferred from {surrogate_name}", transfer_runner, eps=epsilon, surrogate=surrogate_name,
-            **common)
+        transfer_name = f"{attack_display_name(base.settings())} transferred from {surrogate_name}"
+        results["transfer"], correct["transfer"] = _run(transfer_name, runner(base, target=surrogate), eps=epsilon,
+                                                        surrogate=surrogate_name, **common)
     if norm == "linf":
         count = len(images) if not square_examples else min(int(square_examples), len(images))
         square = attacks_module.get_attack("square", max_iter=square_queries)
         square_common = dict(common, images=images[:count], labels=labels[:count])
-        results["gradient_free"], correct["gradient_free"] = _run(attack_display_name(square.settings()), runner(square), eps=epsilon,
-                                                                  **square_common)
+        results["gradient_free"], correct["gradient_free"] = _run(
+            attack_display_name(square.settings()), runner(square), eps=epsilon, **square_common)
 
     checks = []
     a_single, a_iter = results["single_step"]["accuracy"], results["iterative"]["accuracy"]
@@ -314,7 +313,8 @@ def gradient_masking_checks(
             gradient_free=a_free, white_box=a_white))
     else:
         checks.append(_check("gradient_free_not_stronger", None,
-                             "skipped: the Square attack in this runner is L∞ only.", gradient_free=None, white_box=None))
+                             "skipped: the Square attack in this runner is L∞ only.", gradient_free=None,
+                             white_box=None))
     if "transfer" in results:
         a_transfer, a_white = results["transfer"]["accuracy"], float(white_box.mean())
         checks.append(_check(
