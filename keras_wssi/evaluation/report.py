@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from keras_wssi.evaluation.attacks import EvaluationError
+from keras_wssi.version import __version__
 
 __all__ = ["Report", "attack_display_name", "family_display_name", "load_report", "robustbench_entry"]
 
@@ -161,13 +162,11 @@ class Report:
 
     def to_dict(self):
         """The whole report as a JSON-ready dict."""
-        import keras_wssi
-
         norm, epsilon = self.threat_model()
         return {
             "title": self.title,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "keras_wssi_version": keras_wssi.__version__,
+            "keras_wssi_version": __version__,
             "settings": _jsonable(self.settings, "settings"),
             "robustbench": {name: _jsonable(robustbench_entry(model, norm, epsilon, self.settings.get("dataset")),
                                             f"{name}.robustbench")

@@ -44,8 +44,7 @@ def load_model(path):
     """
     import keras
 
-    import keras_wssi  # noqa: F401  (registers the keras_wssi serializables)
-
+    # keras_wssi's model classes are registered by now: importing this module imported the keras_wssi package.
     if not isinstance(path, str) or not path.endswith(".keras"):
         raise EvaluationError(f"model path must be a .keras file, got {path!r}.")
     if not os.path.isfile(path):
