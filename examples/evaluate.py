@@ -10,7 +10,8 @@ Several models, more attacks:
     python examples/evaluate.py --data_dir=../shared/data \
         --models=runs/none/model.keras,runs/weissi/model.keras --attacks=fgsm,pgd,pgd_l2,cw_l2,square
 
-Gradient-masking checks for every model (docs/gradient_masking.md; a model named `none` is the transfer surrogate):
+Gradient-masking checks run for every model by default (docs/gradient_masking.md; a model named `none`, or
+--surrogate, is the transfer surrogate; --nodiagnostics skips them):
 
     python examples/evaluate.py --data_dir=../shared/data --models=runs/none/model.keras,runs/cure/model.keras \
         --names=none,cure --diagnostics --diagnostics_epsilon=0.1
@@ -64,7 +65,8 @@ flags.DEFINE_boolean("recover_logits", False, "Accept softmax-output models by r
 flags.DEFINE_boolean("weight_perturbation", False, "Also evaluate accuracy under weight perturbations.")
 flags.DEFINE_list("weight_epsilons", ["0", "0.01", "0.02", "0.05", "0.1"], "Relative weight-perturbation radii.")
 flags.DEFINE_list("weight_kinds", ["random", "adversarial"], "Weight-perturbation kinds.")
-flags.DEFINE_boolean("diagnostics", False, "Run the gradient-masking checks on every model (docs/gradient_masking.md).")
+flags.DEFINE_boolean("diagnostics", True, "Run the gradient-masking checks on every model (docs/gradient_masking.md; "
+                     "--nodiagnostics skips them).")
 flags.DEFINE_float("diagnostics_epsilon", 0.1, "ε of the gradient-masking checks (and of the RobustBench-style fields).")
 flags.DEFINE_enum("threat_model", "linf", ["linf", "l2"], "Norm of the RobustBench-style fields and of the checks.")
 flags.DEFINE_integer("diagnostics_examples", 500, "Test examples for the gradient-masking checks.")

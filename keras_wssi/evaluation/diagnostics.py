@@ -30,6 +30,7 @@ registered with `register_white_box_attack(name, function, settings)` or passed 
 """
 
 import dataclasses
+import importlib.util
 import time
 
 import numpy as np
@@ -271,7 +272,8 @@ def gradient_masking_checks(
         transfer_name = f"{attack_display_name(base.settings())} transferred from {surrogate_name}"
         results["transfer"], correct["transfer"] = _run(transfer_name, runner(base, target=surrogate), eps=epsilon,
                                                         surrogate=surrogate_name, **common)
-    if norm == "linf":
+    square_available = importlib.util.find_spec("art") is not None
+    if norm == "linf" and square_available:
         count = len(images) if not square_examples else min(int(square_examples), len(images))
         square = attacks_module.get_attack("square", max_iter=square_queries)
         square_common = dict(common, images=images[:count], labels=labels[:count])
@@ -312,8 +314,9 @@ def gradient_masking_checks(
                                         else "."),
             gradient_free=a_free, white_box=a_white))
     else:
-        checks.append(_check("gradient_free_not_stronger", None,
-                             "skipped: the Square attack in this runner is L∞ only.", gradient_free=None,
+        reason = ("the Square attack in this runner is L∞ only" if norm != "linf" else
+                  'Square needs the Adversarial Robustness Toolbox: pip install "keras_wssi[attacks]"')
+        checks.append(_check("gradient_free_not_stronger", None, f"skipped: {reason}.", gradient_free=None,
                              white_box=None))
     if "transfer" in results:
         a_transfer, a_white = results["transfer"]["accuracy"], float(white_box.mean())
