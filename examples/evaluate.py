@@ -19,7 +19,14 @@ accuracies, forward passes, settings):
 Its attacks also run as ε-curves: --attacks=apgd_ce,apgd_t,fab_t,square_compiled (and *_l2; --apgd_steps,
 --square_queries).
 
-Writes into --output_dir: `report.json` (every number with its settings), `summary.md` (tables),
+Gradient-masking checks run for every model by default (docs/gradient_masking.md; a model named `none`, or
+--surrogate, is the transfer surrogate; --nodiagnostics skips them):
+
+    python examples/evaluate.py --data_dir=../shared/data --models=runs/none/model.keras,runs/cure/model.keras \
+        --names=none,cure --diagnostics --diagnostics_epsilon=0.1
+
+Writes into --output_dir: `report.json` (every number with its settings, RobustBench-style fields per model under
+`robustbench`), `summary.md` (tables),
 `accuracy_vs_epsilon.png` (one panel per attack / noise family, one line per model) and `plots/`.
 Gradient attacks are cleverhans's `tf2` functions, run batched and compiled by keras_wssi; `cw_l2` and
 `square` come from the Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`).
@@ -75,6 +82,15 @@ flags.DEFINE_integer("square_queries", 5000, "Queries of square_compiled in --at
 flags.DEFINE_boolean("weight_perturbation", False, "Also evaluate accuracy under weight perturbations.")
 flags.DEFINE_list("weight_epsilons", ["0", "0.01", "0.02", "0.05", "0.1"], "Relative weight-perturbation radii.")
 flags.DEFINE_list("weight_kinds", ["random", "adversarial"], "Weight-perturbation kinds.")
+flags.DEFINE_boolean("diagnostics", True, "Run the gradient-masking checks on every model (docs/gradient_masking.md; "
+                     "--nodiagnostics skips them).")
+flags.DEFINE_float("diagnostics_epsilon", 0.1, "ε of the gradient-masking checks (and of the RobustBench-style fields).")
+flags.DEFINE_enum("threat_model", "linf", ["linf", "l2"], "Norm of the RobustBench-style fields and of the checks.")
+flags.DEFINE_integer("diagnostics_examples", 500, "Test examples for the gradient-masking checks.")
+flags.DEFINE_integer("diagnostics_strong_steps", 100, "PGD steps of the checks' 'more steps and restarts' attack.")
+flags.DEFINE_integer("diagnostics_square_examples", 200, "Examples for the Square attack of the checks.")
+flags.DEFINE_string("surrogate", "", "Unregularized .keras model for the transfer check (default: a model named "
+                    "'none' among --models, else the check is skipped).")
 flags.DEFINE_string("output_dir", "reports/default", "Where report.json, summary.md and the plots go.")
 flags.DEFINE_string("title", "Robustness report", "Report title.")
 flags.DEFINE_boolean("progress", True, "Progress bars.")
@@ -193,6 +209,20 @@ def run(argv):
             "command": " ".join(["python", "examples/evaluate.py"] + sys.argv[1:]),
         },
     )
+    report.set_threat_model(FLAGS.threat_model, FLAGS.diagnostics_epsilon)
+    surrogate = None
+    if FLAGS.diagnostics:
+        if FLAGS.surrogate:
+            surrogate = evaluation.load_model(FLAGS.surrogate)[0]
+        elif "none" in names:
+            surrogate = loaded[names.index("none")][0]
+    diagnostics = None
+    if FLAGS.diagnostics:
+        diagnostics = {"epsilon": FLAGS.diagnostics_epsilon, "norm": FLAGS.threat_model,
+                       "steps": FLAGS.pgd_steps, "examples": FLAGS.diagnostics_examples,
+                       "strong_steps": FLAGS.diagnostics_strong_steps,
+                       "square_examples": FLAGS.diagnostics_square_examples,
+                       "square_queries": FLAGS.square_max_iter}
     for name, path, (model, training_metrics) in zip(names, models, loaded):
         logging.info("Evaluating %s (%s)", name, path)
         evaluation.evaluate_model(
@@ -217,6 +247,9 @@ def run(argv):
             source=path,
             training_metrics=training_metrics,
             progress=FLAGS.progress,
+            diagnostics=None if diagnostics is None else dict(
+                diagnostics, surrogate_name=os.path.basename(FLAGS.surrogate) if FLAGS.surrogate else "none"),
+            surrogate=surrogate,
         )
         if FLAGS.autoattack:
             report.set_metrics(name, "autoattack", _autoattack_metrics(model, images, labels))

@@ -107,3 +107,35 @@ def test_evaluate_model_fills_every_section(tmp_path):
     for curve in entry["curves"].values():
         assert curve["accuracy"][0] == pytest.approx(entry["metrics"]["clean"]["accuracy"])
     report.save(str(tmp_path))
+
+
+def test_plot_has_title_human_names_and_a_legend_in_every_panel():
+    report = _two_model_report()
+    report.add_curve("plain", "attack/square", {
+        "epsilons": [0.0, 0.1], "accuracy": [0.9, 0.5],
+        "settings": evaluation.get_attack("square", max_iter=300).settings() | {"examples": 10}})
+    report.models["plain"]["curves"]["attack/pgd"]["settings"] = evaluation.get_attack("pgd", nb_iter=40).settings()
+    figure = report.figure()
+    assert figure._suptitle.get_text() == "test report — MNIST, L∞ attacks"
+    panels = [axis for axis in figure.axes if axis.get_title()]
+    titles = [axis.get_title() for axis in panels]
+    assert titles == ["PGD-40 L∞", "Gaussian input noise", "Square (300 queries) L∞", "Random weight perturbation"]
+    for axis in panels:
+        legend = axis.get_legend()
+        assert legend is not None
+        assert [t.get_text() for t in legend.get_texts()] == [line.get_label() for line in axis.get_lines()]
+
+
+def test_robustbench_fields_in_the_json(tmp_path):
+    report = _two_model_report()
+    report.models["plain"]["curves"]["attack/pgd"]["settings"] = dict(
+        evaluation.get_attack("pgd", nb_iter=40, restarts=2).settings(), examples=3)
+    report.set_threat_model("linf", 0.1)
+    content = json.load(open(report.save(str(tmp_path))["json"], encoding="utf-8"))
+    fields = content["robustbench"]["plain"]
+    assert fields == fields | {"dataset": "mnist", "threat_model": "Linf", "eps": 0.1, "clean_acc": 0.9,
+                               "robust_acc": 0.4, "ensemble_acc": None, "forward_passes": 3 * 2 * 41}
+    (attack,) = fields["attacks"]
+    assert attack["display_name"] == "PGD-40 ×2 restarts L∞" and attack["forward_passes_exact"] is True
+    with pytest.raises(evaluation.EvaluationError, match="norm must be"):
+        report.set_threat_model("l1", 0.1)

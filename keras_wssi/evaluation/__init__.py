@@ -1,5 +1,8 @@
 """Robustness evaluation of trained models: attacks, noise, weight perturbations, reports.
 
+`diagnostics` checks a model for gradient masking (five checks, in words); `statistics` gives Student-t
+intervals and Welch's test over seeds.
+
 Gradient attacks are cleverhans's own `tf2` functions run batched and compiled (`AttackRunner`); CW-L2 and
 the gradient-free Square attack come from the Adversarial Robustness Toolbox (optional extra). keras_wssi's own
 compiled APGD-CE, APGD-T, FAB-T and Square (`compiled_attacks`) make up the AutoAttack-style ensemble
@@ -7,6 +10,8 @@ compiled APGD-CE, APGD-T, FAB-T and Square (`compiled_attacks`) make up the Auto
 imported on demand.
 """
 
+from keras_wssi.evaluation import diagnostics
+from keras_wssi.evaluation import statistics
 from keras_wssi.evaluation.attacks import ATTACKS
 from keras_wssi.evaluation.attacks import Attack
 from keras_wssi.evaluation.attacks import EvaluationError
@@ -16,6 +21,7 @@ from keras_wssi.evaluation.attacks import seeded_random_start
 from keras_wssi.evaluation.ensemble import ATTACK_NAMES
 from keras_wssi.evaluation.ensemble import AUTOATTACK_VERSIONS
 from keras_wssi.evaluation.ensemble import autoattack
+from keras_wssi.evaluation.diagnostics import gradient_masking_checks
 from keras_wssi.evaluation.noise import NOISE_KINDS
 from keras_wssi.evaluation.noise import noise_accuracy
 from keras_wssi.evaluation.report import Report
@@ -26,6 +32,8 @@ from keras_wssi.evaluation.robustness import load_model
 from keras_wssi.evaluation.runner import AttackRunner
 from keras_wssi.evaluation.runner import check_dataset
 from keras_wssi.evaluation.runner import clean_metrics
+from keras_wssi.evaluation.statistics import confidence_interval
+from keras_wssi.evaluation.statistics import welch_test
 
 __all__ = [
     "ATTACKS",
@@ -39,12 +47,17 @@ __all__ = [
     "autoattack",
     "check_dataset",
     "clean_metrics",
+    "confidence_interval",
+    "diagnostics",
     "evaluate_model",
     "get_attack",
+    "gradient_masking_checks",
     "jacobian_statistics",
     "load_model",
     "load_report",
     "logits_function",
     "noise_accuracy",
     "seeded_random_start",
+    "statistics",
+    "welch_test",
 ]

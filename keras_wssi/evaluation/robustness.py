@@ -1,4 +1,5 @@
-"""One call per model: clean metrics, generalization gap, Jacobian statistics, attack and noise curves."""
+"""One call per model: clean metrics, generalization gap, Jacobian statistics, attack and noise curves, and the
+gradient-masking checks of `keras_wssi.evaluation.diagnostics`."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import numpy as np
 from keras_wssi.analysis import jacobian as analysis_jacobian
 from keras_wssi.analysis.slope import spectral_norm_from_jacobian
 from keras_wssi.evaluation import attacks as attacks_module
+from keras_wssi.evaluation import diagnostics as diagnostics_module
 from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.evaluation.noise import noise_accuracy
 from keras_wssi.evaluation.runner import AttackRunner
@@ -122,6 +124,8 @@ def evaluate_model(
     source=None,
     training_metrics=None,
     progress=True,
+    diagnostics=None,
+    surrogate=None,
 ):
     """Evaluates one model into `report`: clean metrics, gap, Jacobian statistics, attack and noise curves.
 
@@ -147,6 +151,12 @@ def evaluate_model(
         source: where the model came from (path), recorded.
         training_metrics: the training script's `metrics.json` content, recorded as is.
         progress: progress bars.
+        diagnostics: run the gradient-masking checks (`diagnostics.gradient_masking_checks`): True for its
+            defaults at ε = 0.1 L∞, a dict of its keyword arguments (plus `"examples"`: run them on the first
+            N images only), or None/False to skip. `seed`,
+            `batch_size` and `recover_logits` are passed on unless the dict sets them.
+        surrogate: an unregularized model for the transfer check (None skips that check; a model is not used
+            as its own surrogate).
 
     Returns:
         The model's entry in the report.
@@ -195,4 +205,14 @@ def evaluate_model(
         curve = noise_accuracy(model, images, labels, noise_levels, kind=kind, batch_size=batch_size, seed=seed,
                                recover_logits=recover_logits)
         report.add_curve(name, f"noise/{kind}", curve)
+    if diagnostics:
+        options = {} if diagnostics is True else dict(diagnostics)
+        options.setdefault("seed", seed)
+        options.setdefault("batch_size", batch_size)
+        options.setdefault("recover_logits", recover_logits)
+        if surrogate is not None and surrogate is not model:
+            options.setdefault("surrogate", surrogate)
+        count = int(options.pop("examples", 0) or len(images))
+        result = diagnostics_module.gradient_masking_checks(model, images[:count], labels[:count], **options)
+        report.set_diagnostics(name, result)
     return entry
