@@ -301,6 +301,9 @@ def train(output_dir=None):
     _say(f"outputs go to {os.path.abspath(output_dir)} (backup/ lets a killed run resume: rerun the same command).")
 
     os.makedirs(output_dir, exist_ok=True)
+    for name in os.listdir(output_dir):  # Temporary files of a run killed while writing them (never an output).
+        if ".tmp-" in name and os.path.isfile(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
     atomic_write_json(run_path, config)
     # The order of epoch e depends on (seed, e) only, so a resumed run sees the same batches as an
     # uninterrupted one.

@@ -15,6 +15,7 @@ from keras.src.models.functional import functional_from_config
 from keras.src.models.model import functional_init_arguments
 
 from keras_wssi import penalties as penalties_module
+from keras_wssi.distribute import MultiWorkerFitFixes
 from keras_wssi.penalties.base import PenaltyContext
 
 __all__ = ["FunctionalModel", "Model", "WrappedModel", "wrap"]
@@ -35,7 +36,7 @@ class _PenaltySet:
 
 
 @keras.saving.register_keras_serializable(package="keras_wssi")
-class Model(keras.Model):
+class Model(MultiWorkerFitFixes, keras.Model):  # The mixin: fit under MultiWorkerMirroredStrategy (keras#20585).
     """A `keras.Model` trained with model-level penalties.
 
     Example:
