@@ -80,6 +80,7 @@ def test_two_workers_on_localhost_train_identically_and_match_one_process(penalt
         np.testing.assert_array_equal(a, b)
     assert h0 == h1
     difference = max(float(np.max(np.abs(a - b))) for a, b in zip(w0, ws))
+    print(f"\n{penalty}: largest weight difference two workers vs one process {difference:.2e}")
     assert difference < TOLERANCE[penalty], difference
     assert all(np.isfinite(w).all() for w in w0)
     assert np.allclose(h0["loss"], hs["loss"], rtol=1e-4), (h0, hs)
