@@ -304,7 +304,6 @@ def train(output_dir=None):
     for name in os.listdir(output_dir):  # Temporary files of a run killed while writing them (never an output).
         if ".tmp-" in name and os.path.isfile(os.path.join(output_dir, name)):
             os.remove(os.path.join(output_dir, name))
-    atomic_write_json(run_path, config)
     # The order of epoch e depends on (seed, e) only, so a resumed run sees the same batches as an
     # uninterrupted one.
     train_pipeline = kw.data.EpochShuffledPipeline(train_images, train_labels, FLAGS.batch_size, seed=FLAGS.seed)
@@ -384,6 +383,7 @@ def train(output_dir=None):
         kw.callbacks.check_finite_state(model, model_path)
     except FloatingPointError as error:
         raise ScriptError(str(error)) from None
+    atomic_write_json(run_path, config)
     temporary = f"{model_path[: -len('.keras')]}.tmp-{os.getpid()}.keras"
     model.save(temporary)
     kw.data.write_description(temporary, kw.data.describe(FLAGS.dataset))

@@ -687,7 +687,9 @@ class ResumableBackup(keras.callbacks.Callback):
     def _restore(self):
         if not os.path.isdir(self.backup_dir):
             return
-        self._clean_leftovers()
+        chief = is_chief(self.model.distribute_strategy)  # Other workers read the backups, never change them.
+        if chief:
+            self._clean_leftovers()
         candidates = self._listed()
         pointer = os.path.join(self.backup_dir, "checkpoint")
         if os.path.exists(pointer):
@@ -711,7 +713,8 @@ class ResumableBackup(keras.callbacks.Callback):
                     f"{os.path.basename(prefix)} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                     f"deleting it and falling back to {following}."
                 )
-                self._remove_backup(prefix)
+                if chief:
+                    self._remove_backup(prefix)
                 continue
             if self.config_json and stored_config != self.config_json:
                 message = self._mismatch_message(stored_config)
@@ -724,7 +727,7 @@ class ResumableBackup(keras.callbacks.Callback):
             self.model._initial_epoch = epoch
             self._say(f"resumed from {prefix} after epoch {epoch}.")
             break
-        if is_chief(self.model.distribute_strategy):
+        if chief:
             # The pointer file is rewritten to what is on disk, so CheckpointManager starts from the truth.
             if os.path.exists(pointer):
                 os.remove(pointer)
