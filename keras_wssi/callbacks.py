@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_wssi.analysis.slope import slope as measure_slope
+from keras_wssi.labels import class_indices
 
 __all__ = [
     "AtomicWeightsCheckpoint",
@@ -486,8 +487,8 @@ class CheckLabels(keras.callbacks.Callback):
     compiled). The check runs in Python at `on_train_begin`, so it holds whatever the compile settings.
 
     Args:
-        labels: the training labels: an integer array `(N,)` (or `(N, 1)`), or a finite `tf.data.Dataset` of
-            `(x, y)` or `(x, y, sample_weight)` batches.
+        labels: the training labels: class indices `(N,)` / `(N, 1)` or one-hot rows `(N, C)`, or a finite
+            `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)` batches.
         num_classes: the number of classes; defaults to the size of the model's last output axis.
 
     Example:
@@ -506,7 +507,7 @@ class CheckLabels(keras.callbacks.Callback):
 
     def _label_array(self):
         if isinstance(self.labels, tf.data.Dataset):
-            return np.concatenate([np.reshape(batch[1], [-1]) for batch in self.labels.as_numpy_iterator()])
+            return np.concatenate([np.asarray(batch[1]) for batch in self.labels.as_numpy_iterator()])
         return np.asarray(self.labels)
 
     def on_train_begin(self, logs=None):
@@ -515,14 +516,8 @@ class CheckLabels(keras.callbacks.Callback):
             num_classes = int(self.model.outputs[0].shape[-1]) if getattr(self.model, "outputs", None) else None
         if num_classes is None:
             raise ValueError("CheckLabels needs num_classes for a model without a static output shape.")
-        labels = self._label_array()
-        if labels.ndim == 2 and labels.shape[-1] == 1:
-            labels = labels[:, 0]
-        if labels.ndim != 1:
-            raise ValueError(f"CheckLabels expects sparse integer labels (N,), got shape {labels.shape}.")
-        if not np.issubdtype(labels.dtype, np.integer):
-            if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
-                raise ValueError("Labels must be integer class indices; got non-integer or non-finite values.")
+        # The package's one label normalizer: sparse (N,) / (N, 1) or one-hot (N, C) labels as class indices.
+        labels = class_indices(self._label_array(), argument="CheckLabels labels")
         bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
         if len(bad):
             raise ValueError(
