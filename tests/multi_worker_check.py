@@ -58,11 +58,14 @@ def main():
     if args.backup_dir:
         callbacks.append(kw.callbacks.ResumableBackup(args.backup_dir, config={"penalty": args.penalty}))
     history = model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks)
-    weights = model.get_weights()
+    # The trained weights, and apart from them the other state the model tracks (penalty state).
+    weights = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    state = [keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables]
     np.savez(
         args.output,
         history=json.dumps({k: [float(v) for v in values] for k, values in history.history.items()}),
         **{f"w{i}": w for i, w in enumerate(weights)},
+        **{f"s{i}": w for i, w in enumerate(state)},
     )
 
 
