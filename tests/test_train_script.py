@@ -136,3 +136,17 @@ def test_evaluate_reads_the_data_set_from_the_model_and_refuses_to_guess(tmp_pat
         capture_output=True, text=True, timeout=300, env=environment, cwd=REPO_ROOT,
     )
     assert result.returncode != 0 and "trained on another" in result.stderr and "(fashion_mnist)" in result.stderr
+
+
+def test_a_diverging_run_names_the_penalty_and_writes_nothing_non_finite(data_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_script(
+        f"--data_dir={data_dir}", f"--output_dir={output_dir}", "--penalties=weissi:1e30", "--train_examples=512",
+        "--test_examples=64", "--hidden_units=16", "--epochs=2", "--progress=none", timeout=600,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "epoch 1, batch 1: penalty 'weissi': strength 1e+30" in result.stderr, result.stderr[-2000:]
+    assert os.listdir(output_dir / "checkpoints") == []
+    assert not (output_dir / "model.keras").exists() and not (output_dir / "metrics.json").exists()
+    backup = output_dir / "backup"
+    assert not backup.exists() or not [n for n in os.listdir(backup) if n.startswith("ckpt-")]
