@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 
 import keras
 import numpy as np
@@ -728,8 +729,12 @@ class ResumableBackup(keras.callbacks.Callback):
                 os.remove(pointer)
             remaining = list(reversed(self._listed()))
             if remaining:
+                # Timestamps after `last_preserved_timestamp`, so that the manager counts these backups towards
+                # max_to_keep (it never deletes one older than that mark).
+                now = time.time()
                 tf.compat.v1.train.update_checkpoint_state(
-                    self.backup_dir, remaining[-1], all_model_checkpoint_paths=remaining
+                    self.backup_dir, remaining[-1], all_model_checkpoint_paths=remaining,
+                    all_model_checkpoint_timestamps=[now] * len(remaining), last_preserved_timestamp=now - 1,
                 )
 
     def on_train_begin(self, logs=None):

@@ -1,6 +1,6 @@
 """One worker of a two-process `MultiWorkerMirroredStrategy` run on localhost, or the one-process reference.
 
-    python tests/multi_worker_check.py OUTPUT.npz PENALTY [--worker=i --ports=p0,p1] [--backup_dir=DIR]
+    python tests/multi_worker_check.py OUTPUT.npz PENALTY [--worker=i --ports=p0,p1] [--backup_dir=DIR] [--epochs=N]
 
 With `--worker`, sets `TF_CONFIG` for a two-worker cluster on 127.0.0.1 and trains under
 `MultiWorkerMirroredStrategy`; without it, trains the same model on one process with the same global batch.
@@ -27,6 +27,7 @@ def main():
     parser.add_argument("--worker", type=int, default=None)
     parser.add_argument("--ports", default="")
     parser.add_argument("--backup_dir", default="")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     args = parser.parse_args()
     if args.worker is not None:
         workers = [f"127.0.0.1:{p}" for p in args.ports.split(",")]
@@ -57,7 +58,7 @@ def main():
     callbacks = [kw.callbacks.TerminateOnNonFinite()]
     if args.backup_dir:
         callbacks.append(kw.callbacks.ResumableBackup(args.backup_dir, config={"penalty": args.penalty}))
-    history = model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle=False, verbose=0, callbacks=callbacks)
+    history = model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=args.epochs, shuffle=False, verbose=0, callbacks=callbacks)
     # The trained weights, and apart from them the other state the model tracks (penalty state).
     weights = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
     state = [keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables]

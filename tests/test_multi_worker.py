@@ -51,14 +51,13 @@ def _environment():
     return environment
 
 
-@pytest.mark.parametrize("penalty", list(TOLERANCE), ids=["stateless_weissi", "stateful_spectral_norm"])
-def test_two_workers_on_localhost_train_identically_and_match_one_process(penalty, tmp_path):
+def _two_workers(tmp_path, penalty, backup_dir, *extra):
+    """Runs the two workers to completion (killed after TIMEOUT_S); returns their stderr."""
     ports = ",".join(map(str, _free_ports(2)))
-    backup_dir = str(tmp_path / "backup")
     workers = [
         subprocess.Popen(
             [sys.executable, SCRIPT, str(tmp_path / f"worker{i}.npz"), penalty, f"--worker={i}", f"--ports={ports}",
-             f"--backup_dir={backup_dir}"],
+             f"--backup_dir={backup_dir}", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_environment(),
         )
         for i in range(2)
@@ -73,11 +72,22 @@ def test_two_workers_on_localhost_train_identically_and_match_one_process(penalt
         pytest.fail(f"the two workers did not finish within {TIMEOUT_S} s")
     for worker, (_, stderr) in zip(workers, outputs):
         assert worker.returncode == 0, stderr[-3000:]
+    return [stderr for _, stderr in outputs]
+
+
+def _single(tmp_path, penalty, *extra):
     single = subprocess.run(
-        [sys.executable, SCRIPT, str(tmp_path / "single.npz"), penalty], capture_output=True, text=True,
+        [sys.executable, SCRIPT, str(tmp_path / "single.npz"), penalty, *extra], capture_output=True, text=True,
         env=_environment(), timeout=TIMEOUT_S,
     )
     assert single.returncode == 0, single.stderr[-3000:]
+
+
+@pytest.mark.parametrize("penalty", list(TOLERANCE), ids=["stateless_weissi", "stateful_spectral_norm"])
+def test_two_workers_on_localhost_train_identically_and_match_one_process(penalty, tmp_path):
+    backup_dir = str(tmp_path / "backup")
+    _two_workers(tmp_path, penalty, backup_dir)
+    _single(tmp_path, penalty)
 
     (w0, s0, h0), (w1, s1, h1), (ws, _, hs) = (_load(tmp_path / n) for n in ("worker0.npz", "worker1.npz", "single.npz"))
     for a, b in zip(w0, w1):
@@ -100,3 +110,19 @@ def test_two_workers_on_localhost_train_identically_and_match_one_process(penalt
     # Only the chief (worker 0) wrote backups, one per epoch, into the shared folder.
     assert sorted(n for n in os.listdir(backup_dir) if n.endswith(".index")) == ["ckpt-1.index", "ckpt-2.index"]
     assert not [n for n in os.listdir(backup_dir) if n.startswith("_worker")]
+
+
+def test_two_workers_resume_from_the_chiefs_backup(tmp_path):
+    """Two epochs, then the same cluster asked for three: both workers restore the chief's epoch-2 backup."""
+    penalty = "weissi:0.05"
+    backup_dir = str(tmp_path / "backup")
+    _two_workers(tmp_path, penalty, backup_dir)
+    stderr = _two_workers(tmp_path, penalty, backup_dir, "--epochs=3")
+    assert all("resumed from" in e and "ckpt-2 after epoch 2" in e for e in stderr), stderr
+    _single(tmp_path, penalty, "--epochs=3")
+    (w0, _, h0), (w1, _, h1), (ws, _, _) = (_load(tmp_path / n) for n in ("worker0.npz", "worker1.npz", "single.npz"))
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)
+    assert len(h0["loss"]) == 1, "only epoch 3 was trained"
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(w0, ws)) < TOLERANCE[penalty]
+    assert sorted(n for n in os.listdir(backup_dir) if n.endswith(".index")) == ["ckpt-2.index", "ckpt-3.index"]

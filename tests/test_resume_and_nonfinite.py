@@ -64,6 +64,8 @@ def test_resume_continues_to_the_uninterrupted_weights(tmp_path, reference):
     assert backup.restored_epoch == 2
     _assert_weights_equal(reference, model)
     assert os.path.isdir(backup_dir), "fit returning does not delete the backup; delete() does"
+    # The resumed manager keeps counting: the two newest backups remain.
+    assert sorted(n for n in os.listdir(backup_dir) if n.endswith(".index")) == ["ckpt-2.index", "ckpt-3.index"]
     backup.delete()
     assert not os.path.exists(backup_dir)
 
