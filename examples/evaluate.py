@@ -48,7 +48,10 @@ from keras_wssi import evaluation  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["runs/default/model.keras"], "Comma-separated .keras files to compare.")
 flags.DEFINE_list("names", [], "Report names of the models (default: each file's folder name).")
-flags.DEFINE_string("dataset", "", "mnist or fashion_mnist (default: the first model's metrics.json, else mnist).")
+flags.DEFINE_string(
+    "dataset", "", "mnist or fashion_mnist (default: what the models record: model.keras's data description, else "
+    "the metrics.json beside it; refused when unknown or when it disagrees)."
+)
 flags.DEFINE_string(
     "data_dir", None, f"Folder with the raw IDX .gz files (offline). Default: ${kw.data.DATA_DIR_ENV}, else tensorflow-datasets."
 )
@@ -165,6 +168,28 @@ def _weight_perturbation_module():
     return weight_perturbation
 
 
+def _dataset_of(paths, metadata):
+    """The data set the models were trained on, read from what they carry; never guessed."""
+    recorded = []
+    for path, extra in zip(paths, metadata):
+        description = kw.data.read_description(path) or {}
+        recorded.append(description.get("dataset") or (extra or {}).get("dataset"))
+    if FLAGS.dataset:
+        wrong = [f"{p} ({d})" for p, d in zip(paths, recorded) if d is not None and d != FLAGS.dataset]
+        if wrong:
+            raise app.UsageError(f"--dataset={FLAGS.dataset}, but these models were trained on another: {', '.join(wrong)}.")
+        return FLAGS.dataset
+    unknown = [p for p, d in zip(paths, recorded) if d is None]
+    if unknown:
+        raise app.UsageError(
+            f"{', '.join(unknown)} do(es) not record its data set (no data description in the file, no metrics.json "
+            "beside it): pass --dataset=mnist or --dataset=fashion_mnist."
+        )
+    if len(set(recorded)) > 1:
+        raise app.UsageError(f"The models were trained on different data sets ({', '.join(sorted(set(recorded)))}): evaluate them apart.")
+    return recorded[0]
+
+
 def run(argv):
     """Evaluates FLAGS.models and writes the report; returns the written paths."""
     if len(argv) > 1:
@@ -190,7 +215,7 @@ def run(argv):
     weight_module = _weight_perturbation_module() if FLAGS.weight_perturbation else None
 
     loaded = [evaluation.load_model(path) for path in models]
-    dataset = FLAGS.dataset or (loaded[0][1] or {}).get("dataset") or "mnist"
+    dataset = _dataset_of(models, [metadata for _, metadata in loaded])
     images, labels = kw.data.load_arrays(dataset, "test", data_dir=FLAGS.data_dir)
     if FLAGS.num_examples:
         images, labels = images[: FLAGS.num_examples], labels[: FLAGS.num_examples]

@@ -16,6 +16,7 @@ from keras_wssi import analysis
 from keras_wssi import architectures
 from keras_wssi import callbacks
 from keras_wssi import data
+from keras_wssi import distribute
 from keras_wssi import evaluation
 from keras_wssi import experiments
 from keras_wssi import labels
@@ -40,6 +41,7 @@ __all__ = [
     "architectures",
     "callbacks",
     "data",
+    "distribute",
     "evaluation",
     "experiments",
     "labels",

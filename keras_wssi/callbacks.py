@@ -1,15 +1,27 @@
-"""Callbacks: the slope distribution logged every epoch, and early stopping on it.
+"""Callbacks: slope logging and early stopping on it; crash-safe backups; non-finite and label guards.
 
 Johansson, Engsner, Strannegård, Mostad, "Slope and generalization properties of neural networks"
 (arXiv 2107.01473) measure the slope `σ_max(∂logits/∂x)` on a fixed set of training points every epoch.
 `SlopeLogger` does that and writes the summary into the epoch logs (so it lands in `History`, the progress
 bar and any later callback) and, with `log_dir`, a TensorBoard histogram. `SlopeEarlyStopping` stops on it.
+
+Training that survives kills, corruption and divergence: `ResumableBackup` keeps `tf.train.CheckpointManager`
+backups of every variable (model, optimizer, penalty state) with the epoch and the run's configuration, and
+resumes from the newest readable one; `TerminateOnNonFinite` stops at the first step whose loss, penalties,
+weights or optimizer state stop being finite, naming the cause; `CheckLabels` refuses labels outside the
+model's classes before the first step (XLA would turn them into NaN silently); `AtomicWeightsCheckpoint`
+writes per-epoch weights that are complete and finite, or nothing.
 """
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import sys
+import time
 
 import keras
 import numpy as np
@@ -17,16 +29,23 @@ import tensorflow as tf
 
 from keras_wssi import validation
 from keras_wssi.analysis.slope import slope as measure_slope
+from keras_wssi.labels import class_indices
 
 __all__ = [
-    "AtomicBackupAndRestore",
     "AtomicWeightsCheckpoint",
     "PenaltyStrengthScheduler",
+    "BackupMismatchError",
+    "CheckLabels",
+    "ResumableBackup",
     "SetPipelineEpoch",
     "SlopeEarlyStopping",
     "SlopeLogger",
     "TerminateOnNonFinite",
     "linear_warmup",
+    "check_finite_state",
+    "crash_point",
+    "is_chief",
+    "training_state_variables",
 ]
 
 _STATISTICS = ("mean", "median", "q10", "q90")
@@ -213,77 +232,540 @@ class SetPipelineEpoch(keras.callbacks.Callback):
         self.pipeline.set_epoch(epoch)
 
 
-def _atomic_write_text(path, text):
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+
+# ----------------------------------------------------------------------------------------------------------
+# Test hook: deterministic crash points.
+
+CRASH_POINT_ENV = "KERAS_WSSI_CRASH_AT"
+_crash_counts = {}
 
 
-@keras.saving.register_keras_serializable(package="keras_wssi")
-class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` that can be killed at any instant without losing its state.
+def crash_point(name):
+    """Kills this process with SIGKILL when `$KERAS_WSSI_CRASH_AT` names this point (a test hook).
 
-    Keras writes the weights and then the epoch counter in place: a process killed between (or during) the
-    two writes leaves a half-written file, or weights of one epoch with the counter of another, and the
-    resumed run silently ends elsewhere. Here each backup goes to a fresh folder `state-<n>/`, then a small
-    pointer file `latest` is replaced atomically (`os.replace`), then older folders are removed; a
-    restart reads whatever `latest` names, which is always complete.
+    `KERAS_WSSI_CRASH_AT=name` kills at the first time the point is reached, `name:k` at the k-th time. The
+    points are named where they sit (`train_batch`, `backup_written`, `weights_checkpoint_written`, and the
+    ones `examples/train.py` declares), so a test can kill a run at an exact place without sleeps or races and
+    check that rerunning the same command ends where an uninterrupted run ends. Unset, it does nothing.
+
+    Example:
+
+    ```python
+    crash_point("model_written")   # KERAS_WSSI_CRASH_AT=model_written kills the process here
+    ```
+    """
+    spec = os.environ.get(CRASH_POINT_ENV, "")
+    target, _, count = spec.partition(":")
+    if not spec or target != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] >= int(count or 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The state of a run, and checking that it is finite.
+
+
+def training_state_variables(model):
+    """Every variable a resumed run needs: the model's (trainable and not, penalty state included: a
+    `keras_wssi.Model` tracks its penalties' variables) and the optimizer's, each listed once.
+
+    Example:
+
+    ```python
+    variables = keras_wssi.callbacks.training_state_variables(model)   # after model.compile(...)
+    ```
+    """
+    found, seen = [], set()
+    candidates = list(model.variables)
+    if getattr(model, "optimizer", None) is not None:
+        candidates += list(model.optimizer.variables)
+    for variable in candidates:
+        if id(variable) not in seen:
+            seen.add(id(variable))
+            found.append(variable)
+    return found
+
+
+def _variable_name(variable):
+    return getattr(variable, "path", None) or getattr(variable, "name", "?")
+
+
+class _FiniteCheck:
+    """One compiled function that reports, per floating-point variable, whether all its entries are finite."""
+
+    def __init__(self, variables):
+        self.variables = [v for v in variables if tf.as_dtype(keras.backend.standardize_dtype(v.dtype)).is_floating]
+        self.count = len(variables)
+
+        @tf.function(autograph=False)
+        def flags():
+            return tf.stack([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in self.variables])
+
+        self._flags = flags
+
+    def non_finite(self):
+        if not self.variables:
+            return []
+        flags = self._flags().numpy()
+        return [_variable_name(v) for v, ok in zip(self.variables, flags) if not ok]
+
+
+def check_finite_state(model, what):
+    """Raises `FloatingPointError` when a weight, optimizer or penalty variable of `model` holds NaN/Inf.
+
+    Called before anything is written (backups, checkpoints, the final model), so that nothing non-finite is
+    ever saved. `what` names the file about to be written, for the message.
+
+    Example:
+
+    ```python
+    keras_wssi.callbacks.check_finite_state(model, "model.keras")
+    model.save("model.keras")
+    ```
+    """
+    bad = _FiniteCheck(training_state_variables(model)).non_finite()
+    if bad:
+        raise FloatingPointError(
+            f"Refusing to write {what}: {len(bad)} variable(s) hold NaN/Inf ({', '.join(bad[:3])}"
+            f"{', …' if len(bad) > 3 else ''}). Nothing was written."
+        )
+
+
+def _as_float(value):
+    return float(np.asarray(keras.ops.convert_to_numpy(value) if keras.ops.is_tensor(value) else value))
+
+
+# Gradients beyond sqrt(float32 max) ≈ 1.8e19 square to Inf in an optimizer's second moment (Adam, RMSprop).
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_SAFE_TERM = math.sqrt(_FLOAT32_MAX)
+
+
+def _penalty_terms(model, logs):
+    """(name, strength, value, strength × value in float32) for every penalty logged in `logs`."""
+    terms = []
+    for penalty in getattr(model, "penalties", []):
+        if penalty.name not in logs:
+            continue
+        strength = _as_float(penalty.strength)
+        value = _as_float(logs[penalty.name])
+        with np.errstate(over="ignore", invalid="ignore"):
+            product = float(np.float32(strength) * np.float32(value))
+        terms.append((penalty.name, strength, value, product))
+    return terms
+
+
+def _blame(model, logs, state_only):
+    """Names the cause of a divergence from the step's logs: a penalty, `strength × value`, or the data term."""
+    terms = _penalty_terms(model, logs)
+    for name, strength, value, _ in terms:
+        if not math.isfinite(value):
+            return f"penalty {name!r} is {value} (strength {strength:g})"
+    for name, strength, value, product in terms:
+        if not math.isfinite(product):
+            return (
+                f"penalty {name!r}: strength {strength:g} × value {value:g} overflows float32 (max {_FLOAT32_MAX:.3g}); "
+                "lower its strength"
+            )
+    loss = logs.get("loss")
+    loss = None if loss is None else _as_float(loss)
+    for name, strength, value, product in terms:
+        if abs(product) > _SAFE_TERM and (loss is None or not math.isfinite(loss) or abs(product) >= 0.5 * abs(loss)):
+            return (
+                f"penalty {name!r}: strength {strength:g} × value {value:g} = {product:.3g} dominates the loss, and "
+                f"gradients of that size overflow float32 in the update (their square exceeds {_FLOAT32_MAX:.3g}); "
+                "lower its strength"
+            )
+    where = "the update made the state non-finite while the loss stayed finite" if state_only else f"the loss is {loss}"
+    return (
+        f"the data term: {where} and every penalty term is finite and moderate (NaN/Inf in the inputs or labels, "
+        "e.g. a NaN pixel that ReLU hides in the forward pass but not in the gradient, or a learning rate too large)"
+    )
+
+
+class TerminateOnNonFinite(keras.callbacks.Callback):
+    """Stops `fit` at the first step whose loss, penalty values, weights or optimizer state are NaN/Inf.
+
+    Keras's `TerminateOnNaN` reads only the loss, which is computed *before* the update: a NaN pixel that a
+    ReLU hides in the forward pass still makes the gradient (and so the weights) NaN, and an Adam second
+    moment overflows to Inf while every logged loss stays finite. This callback checks, after every
+    `check_every`-th batch and at every epoch end, the batch logs and every variable of the run (weights,
+    optimizer slots, penalty state) in one compiled function, and at epoch end also the validation logs
+    (`val_*`). It raises `FloatingPointError` naming the epoch, the batch and the cause — the penalty whose
+    value is non-finite, a `strength × value` that overflows float32 or dominates the loss beyond what an
+    update survives, or the data term — before any later callback (put it first) writes anything.
+
+    Args:
+        check_every: check the variables after every this many batches (1: every batch, the cost of reading
+            the weights once; the logs are checked after every batch regardless).
+
+    Example:
+
+    ```python
+    model.fit(x, y, callbacks=[keras_wssi.callbacks.TerminateOnNonFinite(), checkpoint_callback])
+    ```
     """
 
-    def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
-        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=False, delete_checkpoint=delete_checkpoint)
-        self._pointer_path = os.path.join(backup_dir, "latest")
+    def __init__(self, check_every=1):
+        super().__init__()
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive integer, got {check_every!r}.")
+        self.check_every = check_every
+        self._epoch = 0
+        self._check = None
 
-    def _state_dir(self):
-        if not os.path.isfile(self._pointer_path):
-            return None
-        with open(self._pointer_path) as handle:
-            name = handle.read().strip()
-        path = os.path.join(self.backup_dir, name)
-        return path if os.path.isdir(path) else None
+    def on_train_begin(self, logs=None):
+        self._check = None
 
-    def _load_model(self):
-        state_dir = self._state_dir()
-        if os.path.isdir(self.backup_dir):
-            # Leftovers of a run killed mid-save: folders `latest` does not name, temporary pointer files.
-            for name in os.listdir(self.backup_dir):
-                path = os.path.join(self.backup_dir, name)
-                if (name.startswith("state-") and path != state_dir) or ".tmp-" in name:
-                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        if state_dir is None:
-            return
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(os.path.join(state_dir, "weights.weights.h5"))
-        with open(os.path.join(state_dir, "training_metadata.json")) as handle:
-            self.model._initial_epoch = json.load(handle)["epoch"]
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        existing = [n for n in os.listdir(self.backup_dir) if n.startswith("state-")]
-        number = 1 + max([int(n.split("-")[1]) for n in existing if n.split("-")[1].isdigit()] or [0])
-        name = f"state-{number}"
-        path = os.path.join(self.backup_dir, name)
-        os.makedirs(path)
-        self.model.save_weights(os.path.join(path, "weights.weights.h5"))
-        _atomic_write_text(
-            os.path.join(path, "training_metadata.json"),
-            json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}),
+    def _non_finite_state(self):
+        variables = training_state_variables(self.model)
+        if self._check is None or self._check.count != len(variables):
+            self._check = _FiniteCheck(variables)
+        return self._check.non_finite()
+
+    def _stop(self, where, culprit):
+        self.model.stop_training = True
+        raise FloatingPointError(
+            f"Training stopped at epoch {self._epoch + 1}{where}: {culprit}. Nothing from this step on was saved."
         )
-        _atomic_write_text(self._pointer_path, name)
-        for old in existing:
-            shutil.rmtree(os.path.join(self.backup_dir, old), ignore_errors=True)
 
-    def get_config(self):
-        return {"backup_dir": self.backup_dir, "save_freq": self.save_freq, "delete_checkpoint": self.delete_checkpoint}
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        crash_point("train_batch")
+        where = f", batch {batch + 1}"
+        if not all(math.isfinite(_as_float(v)) for v in logs.values() if np.size(v) == 1):
+            self._stop(where, _blame(self.model, logs, state_only=False))
+        if (batch + 1) % self.check_every == 0:
+            bad = self._non_finite_state()
+            if bad:
+                self._stop(where, f"{_blame(self.model, logs, state_only=True)}; non-finite: {', '.join(bad[:3])}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        bad = self._non_finite_state()
+        if bad:
+            self._stop(" (end)", f"{_blame(self.model, logs, state_only=True)}; non-finite: {', '.join(bad[:3])}")
+        bad_logs = sorted(k for k, v in logs.items() if np.size(v) == 1 and not math.isfinite(_as_float(v)))
+        if bad_logs:
+            training = [k for k in bad_logs if not k.startswith("val_")]
+            if training:
+                self._stop(" (end)", _blame(self.model, logs, state_only=False))
+            self._stop(
+                " (validation)",
+                f"{', '.join(f'{k} = {_as_float(logs[k])}' for k in bad_logs)} while every weight is finite: the "
+                "validation data contains NaN/Inf (or labels the loss cannot score)",
+            )
+
+
+class CheckLabels(keras.callbacks.Callback):
+    """Refuses, once per `fit`, labels outside `[0, num_classes)` before the first step.
+
+    Sparse cross-entropy on a label ≥ the number of classes is an error in eager TensorFlow but a silent NaN
+    under `jit_compile=True` (XLA's gather returns garbage for out-of-range indices, and asserts are not
+    compiled). The check runs in Python at `on_train_begin`, so it holds whatever the compile settings.
+
+    Args:
+        labels: the training labels: class indices `(N,)` / `(N, 1)` or one-hot rows `(N, C)`, or a finite
+            `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)` batches.
+        num_classes: the number of classes; defaults to the size of the model's last output axis.
+
+    Example:
+
+    ```python
+    model.fit(x, y, callbacks=[keras_wssi.callbacks.CheckLabels(y)])
+    ```
+    """
+
+    def __init__(self, labels, num_classes=None):
+        super().__init__()
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}.")
+        self.labels = labels
+        self.num_classes = num_classes
+
+    def _label_array(self):
+        if isinstance(self.labels, tf.data.Dataset):
+            return np.concatenate([np.asarray(batch[1]) for batch in self.labels.as_numpy_iterator()])
+        return np.asarray(self.labels)
+
+    def on_train_begin(self, logs=None):
+        num_classes = self.num_classes
+        if num_classes is None:
+            num_classes = int(self.model.outputs[0].shape[-1]) if getattr(self.model, "outputs", None) else None
+        if num_classes is None:
+            raise ValueError("CheckLabels needs num_classes for a model without a static output shape.")
+        # The package's one label normalizer: sparse (N,) / (N, 1) or one-hot (N, C) labels as class indices.
+        labels = class_indices(self._label_array(), argument="CheckLabels labels")
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if len(bad):
+            raise ValueError(
+                f"{len(bad)} label(s) fall outside [0, {num_classes}) (the model has {num_classes} classes): e.g. "
+                f"label {labels[bad[0]].item()!r} at index {int(bad[0])}. Out-of-range labels give NaN under XLA; fix the "
+                "labels or the model's output size."
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Crash-safe backups and checkpoints.
+
+
+def is_chief(strategy=None):
+    """Whether this process writes files under `strategy` (the chief, or worker 0 without a chief).
+
+    Under `MultiWorkerMirroredStrategy` every worker computes the same values; only one writes them, so two
+    processes never race on one file. Without a multi-worker strategy every process is the chief.
+
+    Example:
+
+    ```python
+    if keras_wssi.callbacks.is_chief(model.distribute_strategy):
+        model.save("model.keras")
+    ```
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+class BackupMismatchError(RuntimeError):
+    """Raised when a backup was written by a run with a different configuration."""
+
+
+# What reading a damaged checkpoint raises (TensorFlow's bundle reader: DataLoss/NotFound/OutOfRange op errors,
+# and IndexError for a data file shorter than its index says).
+_UNREADABLE = (tf.errors.OpError, ValueError, KeyError, OSError, IndexError, RuntimeError)
+_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.index$")
+
+
+class ResumableBackup(keras.callbacks.Callback):
+    """Backs up a run after every epoch and resumes it from the newest readable backup.
+
+    Each backup is a `tf.train.Checkpoint` of every variable of the run (`training_state_variables`: weights,
+    optimizer slots and step, penalty state) plus the number of finished epochs, the epoch logs and the run's
+    configuration, written by `tf.train.CheckpointManager` (data first, then the `checkpoint` pointer, each
+    atomically). Before a backup is written the state is checked to be finite; after it, every tensor of it
+    is read back (CRC-checked), and the previous backup is kept (`max_to_keep=2`) until the next one has
+    been. On restart (`on_train_begin`) the backups are tried newest first: one that cannot be read — a
+    truncated file, a missing shard, a pointer naming nothing — is reported and deleted, and the previous
+    one is used; a pointer that is empty, unparsable or points elsewhere is ignored (the folder's listing is
+    the truth). A backup written by another configuration is refused with `BackupMismatchError` (or
+    resumed with a warning when `on_mismatch="resume"`).
+
+    Data position: a backup is taken at an epoch boundary, so the resumed run restarts at the next epoch; with
+    a pipeline whose order depends on `(seed, epoch)` only (`keras_wssi.data.EpochShuffledPipeline`), it
+    sees the same batches as an uninterrupted run and ends bit-identical under deterministic ops.
+
+    Unlike `keras.callbacks.BackupAndRestore`, nothing is deleted when `fit` returns: call `delete()` once
+    every output of the run is written. Under `MultiWorkerMirroredStrategy` only the chief writes.
+
+    Args:
+        backup_dir: the folder of the backups.
+        config: a JSON-serializable description of the run (model, penalties, data, seed…); a backup whose
+            description differs is not resumed silently. None skips the check.
+        on_mismatch: `"raise"` (default) or `"resume"` (continue from the other run's backup, with a warning).
+        max_to_keep: backups kept (≥ 2, so that a verified one always survives the next write).
+
+    Example:
+
+    ```python
+    backup = keras_wssi.callbacks.ResumableBackup("run/backup", config={"penalties": ["weissi:1e-2"], "seed": 0})
+    model.fit(pipeline.dataset, epochs=5, callbacks=[keras_wssi.callbacks.SetPipelineEpoch(pipeline), backup])
+    model.save("run/model.keras")
+    backup.delete()
+    ```
+    """
+
+    def __init__(self, backup_dir, config=None, on_mismatch="raise", max_to_keep=2):
+        super().__init__()
+        if on_mismatch not in ("raise", "resume"):
+            raise ValueError(f"on_mismatch must be 'raise' or 'resume', got {on_mismatch!r}.")
+        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 2:
+            raise ValueError(f"max_to_keep must be an integer >= 2, got {max_to_keep!r}.")
+        self.backup_dir = os.fspath(backup_dir)
+        self.config_json = json.dumps(config, sort_keys=True, default=str) if config is not None else ""
+        self.on_mismatch = on_mismatch
+        self.max_to_keep = max_to_keep
+        self.restored_epoch = None
+        self.restored_logs = None
+        self.messages = []
+        self._manager = None
+
+    @property
+    def fingerprint(self):
+        """A short hash of the configuration (empty without one)."""
+        return hashlib.sha256(self.config_json.encode()).hexdigest()[:12] if self.config_json else ""
+
+    def _say(self, message):
+        self.messages.append(message)
+        print(f"[backup] {message}", file=sys.stderr, flush=True)
+
+    def _build_checkpoint(self):
+        model = self.model
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        variables = training_state_variables(model)
+        # Keyed by position, not by name: Keras numbers layer names per process (dense, dense_1, …), while the
+        # order of the variables is fixed by the model and the configuration (which a backup records).
+        state = {f"v{index:04d}": v for index, v in enumerate(variables)}
+        with tf.device("/cpu:0"):
+            self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="backup_epoch")
+            self._config = tf.Variable("", dtype=tf.string, trainable=False, name="backup_config")
+            self._logs = tf.Variable("{}", dtype=tf.string, trainable=False, name="backup_logs")
+        self._checkpoint = tf.train.Checkpoint(state=state, epoch=self._epoch, config=self._config, logs=self._logs)
+        self._checkpoint.save_counter  # Created now (it is lazy), so that reading a backup restores it too.
+        self._finite = _FiniteCheck(variables)
+
+    def _listed(self):
+        if not os.path.isdir(self.backup_dir):
+            return []
+        numbers = [int(m.group(1)) for m in map(_CHECKPOINT_NAME.match, os.listdir(self.backup_dir)) if m]
+        return [os.path.join(self.backup_dir, f"ckpt-{n}") for n in sorted(numbers, reverse=True)]
+
+    def _remove_backup(self, prefix):
+        for name in os.listdir(self.backup_dir):
+            if name == os.path.basename(prefix) + ".index" or name.startswith(os.path.basename(prefix) + ".data-"):
+                os.remove(os.path.join(self.backup_dir, name))
+
+    def _clean_leftovers(self):
+        # TF writes a checkpoint's shards into `<prefix>_temp/` and renames them into place: a kill mid-write
+        # leaves only such temporary entries, never a half-written `ckpt-N`.
+        for name in os.listdir(self.backup_dir):
+            path = os.path.join(self.backup_dir, name)
+            if "_temp" in name or ".tmp" in name:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+    def _read_all(self, prefix):
+        """Reads every tensor of a backup (CRC-checked by TensorFlow); returns the stored config and epoch."""
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            reader.get_tensor(key)
+        config = reader.get_tensor("config/.ATTRIBUTES/VARIABLE_VALUE")
+        epoch = int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+        return config.decode() if isinstance(config, bytes) else str(config), epoch
+
+    def _mismatch_message(self, stored):
+        try:
+            old, new = json.loads(stored), json.loads(self.config_json)
+            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            differences = "; ".join(f"{k}: backup {old.get(k)!r}, this run {new.get(k)!r}" for k in keys)
+        except (ValueError, TypeError, AttributeError):
+            differences = f"backup {stored!r}, this run {self.config_json!r}"
+        return f"The backup in {self.backup_dir} was written by a different configuration ({differences})."
+
+    def _restore(self):
+        if not os.path.isdir(self.backup_dir):
+            return
+        chief = is_chief(self.model.distribute_strategy)  # Other workers read the backups, never change them.
+        if chief:
+            self._clean_leftovers()
+        candidates = self._listed()
+        pointer = os.path.join(self.backup_dir, "checkpoint")
+        if os.path.exists(pointer):
+            try:
+                state = tf.train.get_checkpoint_state(self.backup_dir)
+                named = state.model_checkpoint_path if state is not None else ""
+            except Exception as error:  # A text proto that does not parse: tf raises ParseError and friends.
+                named = None
+                self._say(f"the pointer file {pointer} is unreadable ({type(error).__name__}); using the folder's backups.")
+            if named is not None and (not candidates or os.path.basename(named) != os.path.basename(candidates[0])):
+                self._say(
+                    f"the pointer file {pointer} names {named!r}, which is not the newest backup on disk "
+                    f"({os.path.basename(candidates[0]) if candidates else 'none'}); using the folder's backups."
+                )
+        for index, prefix in enumerate(candidates):
+            try:
+                stored_config, epoch = self._read_all(prefix)
+            except _UNREADABLE as error:
+                following = os.path.basename(candidates[index + 1]) if index + 1 < len(candidates) else "starting fresh"
+                self._say(
+                    f"{os.path.basename(prefix)} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                    f"deleting it and falling back to {following}."
+                )
+                if chief:
+                    self._remove_backup(prefix)
+                continue
+            if self.config_json and stored_config != self.config_json:
+                message = self._mismatch_message(stored_config)
+                if self.on_mismatch == "raise":
+                    raise BackupMismatchError(message)
+                self._say(f"{message} Resuming it anyway, as asked.")
+            self._checkpoint.read(prefix).assert_existing_objects_matched()
+            self.restored_epoch = epoch
+            self.restored_logs = json.loads(self._logs.numpy().decode() or "{}")
+            self.model._initial_epoch = epoch
+            self._say(f"resumed from {prefix} after epoch {epoch}.")
+            break
+        if chief:
+            # The pointer file is rewritten to what is on disk, so CheckpointManager starts from the truth.
+            if os.path.exists(pointer):
+                os.remove(pointer)
+            remaining = list(reversed(self._listed()))
+            if remaining:
+                # Timestamps after `last_preserved_timestamp`, so that the manager counts these backups towards
+                # max_to_keep (it never deletes one older than that mark).
+                now = time.time()
+                tf.compat.v1.train.update_checkpoint_state(
+                    self.backup_dir, remaining[-1], all_model_checkpoint_paths=remaining,
+                    all_model_checkpoint_timestamps=[now] * len(remaining), last_preserved_timestamp=now - 1,
+                )
+
+    def on_train_begin(self, logs=None):
+        self.restored_epoch = None
+        self._build_checkpoint()
+        self._restore()
+        self._chief = is_chief(self.model.distribute_strategy)
+        directory = self.backup_dir if self._chief else os.path.join(self.backup_dir, f"_worker_{os.getpid()}")
+        self._manager = tf.train.CheckpointManager(self._checkpoint, directory, max_to_keep=self.max_to_keep)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._chief:
+            return
+        bad = self._finite.non_finite()
+        if bad:
+            raise FloatingPointError(
+                f"Refusing to write the backup of epoch {epoch + 1}: {', '.join(bad[:3])} hold NaN/Inf. The previous "
+                "backup is kept."
+            )
+        self._epoch.assign(epoch + 1)
+        self._config.assign(self.config_json)
+        self._logs.assign(json.dumps({k: _as_float(v) for k, v in (logs or {}).items() if np.size(v) == 1}))
+        options = tf.train.CheckpointOptions(experimental_write_callbacks=[lambda path: crash_point("backup_written")])
+        prefix = self._manager.save(checkpoint_number=epoch + 1, options=options)
+        try:
+            self._read_all(prefix)
+        except _UNREADABLE as error:
+            raise OSError(f"The backup {prefix} could not be read back ({error}); the previous one is kept.") from error
+
+    def delete(self):
+        """Removes the backups: call it once every output of the run is written."""
+        if self._manager is None or self._chief:
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
 
 
 class AtomicWeightsCheckpoint(keras.callbacks.Callback):
-    """Saves the weights after every epoch to `filepath.format(epoch=...)`, written to a temporary file
-    and renamed, so an interrupted run never leaves a half-written checkpoint."""
+    """Saves the weights after every epoch to `filepath.format(epoch=...)`: complete and finite, or nothing.
+
+    The weights are checked to be finite (`check_finite_state`), written to a temporary file and renamed, so
+    an interrupted run never leaves a half-written checkpoint and a diverged one never leaves a NaN one.
+    Under `MultiWorkerMirroredStrategy` only the chief writes.
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=3, callbacks=[keras_wssi.callbacks.AtomicWeightsCheckpoint("ckpt/e{epoch:03d}.weights.h5")])
+    ```
+    """
 
     def __init__(self, filepath):
         super().__init__()
@@ -294,55 +776,20 @@ class AtomicWeightsCheckpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         # A run killed while writing leaves only a temporary file behind: remove those, never a checkpoint.
         folder = os.path.dirname(self.filepath) or "."
-        if os.path.isdir(folder):
+        if os.path.isdir(folder) and is_chief(self.model.distribute_strategy):
             for name in os.listdir(folder):
                 if ".tmp-" in name and name.endswith(".weights.h5"):
                     os.remove(os.path.join(folder, name))
 
     def on_epoch_end(self, epoch, logs=None):
+        if not is_chief(self.model.distribute_strategy):
+            return
         path = self.filepath.format(epoch=epoch + 1, **(logs or {}))
+        check_finite_state(self.model, path)
         temporary = f"{path[: -len('.weights.h5')]}.tmp-{os.getpid()}.weights.h5"
         self.model.save_weights(temporary)
+        crash_point("weights_checkpoint_written")
         os.replace(temporary, path)
-
-
-class TerminateOnNonFinite(keras.callbacks.Callback):
-    """Stops `fit` at the first batch whose loss or penalty value is NaN/Inf, naming the culprit and step.
-
-    It raises `FloatingPointError` from `on_train_batch_end`, before any epoch-end callback runs, so no
-    checkpoint, backup or model file with non-finite weights is written. The message names the first
-    non-finite penalty (the loop logs each penalty separately), or the data term when only the loss is
-    non-finite (check the inputs for NaN/Inf, or lower the learning rate).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        logs = logs or {}
-        penalty_names = [p.name for p in getattr(self.model, "penalties", [])]
-        bad = [name for name in penalty_names if name in logs and not np.all(np.isfinite(logs[name]))]
-        loss = logs.get("loss")
-        loss_bad = loss is not None and not np.all(np.isfinite(loss))
-        if not bad and not loss_bad:
-            return
-        step = self._epoch, batch
-        if bad:
-            culprit = f"penalty {bad[0]!r} is {float(logs[bad[0]])}"
-        else:
-            culprit = (
-                f"the loss is {float(loss)} while every penalty is finite: the data term diverged "
-                "(NaN/Inf in the inputs or labels, or a learning rate too large)"
-            )
-        self.model.stop_training = True
-        raise FloatingPointError(
-            f"Training stopped at epoch {step[0] + 1}, batch {step[1] + 1}: {culprit}. The weights of this "
-            "batch are not saved."
-        )
 
 
 # ------------------------------------------------------------------------------------------ strength schedules

@@ -5,29 +5,41 @@ Online users get the data from `tensorflow_datasets` (it downloads once and cach
 `*-idx?-ubyte.gz` files of a data set, either directly or in a sub-folder named after the data set
 (`<data_dir>/mnist/…`, `<data_dir>/fashion_mnist/…`). Every raw file is verified against the SHA-256
 published for the original download before it is parsed, so a truncated or substituted file is refused
-instead of silently training on it.
+instead of silently training on it. Without `data_dir` and without a network, the error comes after a 3 s
+probe of the download host (not after minutes of tfds retries) and names the files and where to put them.
+`write_description` records inside a `.keras` file which data set and preprocessing a model was trained on.
 """
 
 import gzip
 import hashlib
+import json
 import os
+import socket
 import struct
+import zipfile
 
 import numpy as np
 import tensorflow as tf
 
 __all__ = [
     "DATA_DIR_ENV",
+    "OFFLINE_ENV",
     "EpochShuffledPipeline",
     "SUPPORTED_DATASETS",
     "DataError",
+    "PREPROCESSING",
     "default_data_dir",
+    "describe",
     "load_arrays",
     "load_dataset",
     "make_pipeline",
+    "read_description",
+    "write_description",
 ]
 
 DATA_DIR_ENV = "KERAS_WSSI_DATA_DIR"
+# Set to 1 to treat the download host as unreachable (air-gapped machines; tests of the offline error).
+OFFLINE_ENV = "KERAS_WSSI_OFFLINE"
 
 # Original file names and their published SHA-256 (the same values tensorflow-datasets registers).
 _RAW_FILES = {
@@ -159,18 +171,57 @@ def _load_raw(name, split, data_dir):
     return arrays["images"], arrays["labels"]
 
 
+def _expected_files_message(name):
+    files = ", ".join(file_name for file_name, _ in dict.fromkeys(_RAW_FILES[name].values()))
+    return (
+        f"Put the four original files of {name!r} ({files}) in a folder, e.g. <dir>/{name}/, and pass that <dir> "
+        f"as data_dir (flag --data_dir, or ${DATA_DIR_ENV})."
+    )
+
+
+# Where tensorflow-datasets downloads MNIST and Fashion-MNIST from (the first host answers for both).
+_DOWNLOAD_HOSTS = (("storage.googleapis.com", 443),)
+
+
+def _network_reachable(timeout=3.0):
+    """Whether the download host answers within `timeout` seconds (tfds itself retries for minutes)."""
+    if os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0"):
+        return False
+    for host, port in _DOWNLOAD_HOSTS:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _tfds_prepared(builder):
+    return tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+
+
 def _load_tfds(name, split):
     try:
         import tensorflow_datasets as tfds  # Imported lazily: it is slow to import and only needed online.
-
+    except ImportError as error:
+        raise DataError(
+            f"No data_dir was given and tensorflow-datasets is not installed ({error}). {_expected_files_message(name)}"
+        ) from error
+    builder = tfds.builder(name)
+    if not _tfds_prepared(builder) and not _network_reachable():
+        # Without this check tfds retries the download for about 200 s before failing.
+        raise DataError(
+            f"No data_dir was given, {name!r} is not in the tensorflow-datasets cache ({builder.data_dir}) and "
+            f"the download host is unreachable (offline?). {_expected_files_message(name)}"
+        )
+    try:
         images, labels = tfds.as_numpy(
             tfds.load(name, split=split, batch_size=-1, as_supervised=True)
         )
     except Exception as error:  # tfds raises many types (network, checksum, builder) for one cause.
         raise DataError(
             f"Could not load {name!r}/{split} through tensorflow-datasets ({type(error).__name__}: "
-            f"{error}). Without network access, pass data_dir (flag --data_dir or ${DATA_DIR_ENV}) "
-            "pointing at the original raw IDX .gz files."
+            f"{error}). {_expected_files_message(name)}"
         ) from error
     return np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28, 1), np.asarray(labels)
 
@@ -268,10 +319,14 @@ class EpochShuffledPipeline:
         def gather(indices):
             return tf.gather(self._images, indices), tf.gather(self._labels, indices)
 
+        self.num_batches = -(-self.size // batch_size)
+        # `flat_map` hides the length from tf.data; asserting it gives Keras a known epoch length (a progress
+        # bar with a total from the first epoch, and no "input ran out of data" warning).
         self.dataset = (
             tf.data.Dataset.range(1)
             .flat_map(epoch_order)
             .batch(batch_size)
+            .apply(tf.data.experimental.assert_cardinality(self.num_batches))
             .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE)
         )
@@ -319,3 +374,57 @@ def load_dataset(
     return make_pipeline(
         images, labels, batch_size, shuffle=shuffle, seed=seed, drop_remainder=drop_remainder
     )
+
+
+# How `load_arrays` turns the files into model inputs; recorded with every trained model.
+PREPROCESSING = "uint8 pixels / 255 -> float32 in [0, 1], shape (28, 28, 1); int32 labels 0-9"
+_DESCRIPTION_ENTRY = "keras_wssi_data.json"
+
+
+def describe(name):
+    """What a model trained on data set `name` by `load_arrays` expects: `{"dataset", "preprocessing", ...}`.
+
+    Example:
+
+    ```python
+    keras_wssi.data.describe("fashion_mnist")["preprocessing"]
+    ```
+    """
+    _check_name_and_split(name, "train")
+    return {"dataset": name, "preprocessing": PREPROCESSING, "input_shape": [28, 28, 1], "num_classes": 10}
+
+
+def write_description(model_path, description):
+    """Adds the data description to a saved `.keras` file (an extra JSON entry Keras's loader ignores).
+
+    The model file then says what it was trained on, so an evaluation reads the data set instead of guessing.
+
+    Example:
+
+    ```python
+    model.save("model.keras")
+    keras_wssi.data.write_description("model.keras", keras_wssi.data.describe("mnist"))
+    ```
+    """
+    with zipfile.ZipFile(model_path, "a") as archive:
+        if _DESCRIPTION_ENTRY in archive.namelist():
+            raise ValueError(f"{model_path} already carries a data description.")
+        archive.writestr(_DESCRIPTION_ENTRY, json.dumps(description, sort_keys=True))
+
+
+def read_description(model_path):
+    """The data description a `.keras` file carries (see `write_description`), or None when it has none.
+
+    Example:
+
+    ```python
+    description = keras_wssi.data.read_description("runs/default/model.keras")
+    ```
+    """
+    try:
+        with zipfile.ZipFile(model_path) as archive:
+            if _DESCRIPTION_ENTRY not in archive.namelist():
+                return None
+            return json.loads(archive.read(_DESCRIPTION_ENTRY))
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{model_path} is not a .keras archive ({error}).") from error

@@ -16,6 +16,7 @@ from keras.src.models.functional import functional_from_config
 
 from keras_wssi import backend
 from keras_wssi import penalties as penalties_module
+from keras_wssi.distribute import MultiWorkerFitFixes
 from keras_wssi.penalties.apply import penalty_loss
 
 __all__ = ["FunctionalModel", "Model", "WrappedModel", "wrap"]
@@ -70,7 +71,7 @@ class _PenaltySet:
 
 
 @keras.saving.register_keras_serializable(package="keras_wssi")
-class Model(keras.Model):
+class Model(MultiWorkerFitFixes, keras.Model):  # The mixin: fit under MultiWorkerMirroredStrategy (keras#20585).
     """A `keras.Model` trained with model-level penalties.
 
     Example:

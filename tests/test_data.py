@@ -3,6 +3,8 @@
 import gzip
 import os
 import shutil
+import socket
+import time
 
 import numpy as np
 import pytest
@@ -76,15 +78,61 @@ def test_pipeline_batches_shuffles_and_limits(data_dir):
         data.make_pipeline(images[:0], images[:0], 10)
 
 
-def test_without_data_dir_and_without_network_the_error_says_what_to_do(monkeypatch):
+def test_a_failing_tfds_download_says_what_to_do(monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
 
-    def offline(*args, **kwargs):
+    def failing(*args, **kwargs):
         raise ConnectionError("no network")
 
     import tensorflow_datasets as tfds
 
-    monkeypatch.setattr(tfds, "load", offline)
+    monkeypatch.setattr(tfds, "load", failing)
+    monkeypatch.setattr(data, "_tfds_prepared", lambda builder: False)
+    monkeypatch.setattr(data, "_network_reachable", lambda timeout=3.0: True)
     data._ARRAY_CACHE.pop(("fashion_mnist", "test", None), None)
-    with pytest.raises(data.DataError, match="data_dir"):
+    with pytest.raises(data.DataError, match=r"ConnectionError: no network.*t10k-images-idx3-ubyte.gz.*data_dir"):
         data.load_arrays("fashion_mnist", "test")
+
+
+def test_offline_without_data_dir_fails_in_seconds_naming_the_files(monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv(data.OFFLINE_ENV, "1")
+    monkeypatch.setattr(data, "_tfds_prepared", lambda builder: False)
+    data._ARRAY_CACHE.pop(("mnist", "train", None), None)
+    start = time.time()
+    with pytest.raises(data.DataError, match=r"unreachable.*train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz.*<dir>/mnist/"):
+        data.load_arrays("mnist", "train")
+    assert time.time() - start < 30
+
+
+def test_the_unreachable_host_is_detected_quickly(monkeypatch):
+    monkeypatch.delenv(data.OFFLINE_ENV, raising=False)
+    with socket.socket() as server:  # A port nobody listens on: bound, never accepting.
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+    monkeypatch.setattr(data, "_DOWNLOAD_HOSTS", (("127.0.0.1", port),))
+    start = time.time()
+    assert data._network_reachable(timeout=2.0) is False
+    assert time.time() - start < 5
+
+
+def test_a_model_file_carries_its_data_description(tmp_path):
+    import keras
+
+    import keras_wssi as kw
+
+    path = str(tmp_path / "model.keras")
+    model = kw.architectures.mlp(input_shape=(28, 28, 1), hidden_units=(4,))
+    model.save(path)
+    assert data.read_description(path) is None
+    data.write_description(path, data.describe("fashion_mnist"))
+    assert data.read_description(path) == {
+        "dataset": "fashion_mnist", "preprocessing": data.PREPROCESSING, "input_shape": [28, 28, 1], "num_classes": 10
+    }
+    restored = keras.models.load_model(path)  # Keras's loader ignores the extra entry.
+    for a, b in zip(model.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="already carries"):
+        data.write_description(path, data.describe("mnist"))
+    with pytest.raises(data.DataError, match="Unknown dataset"):
+        data.describe("cifar10")
