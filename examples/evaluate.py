@@ -248,6 +248,15 @@ def run(argv):
                        "strong_steps": FLAGS.diagnostics_strong_steps,
                        "square_examples": FLAGS.diagnostics_square_examples,
                        "square_queries": FLAGS.square_max_iter}
+        if FLAGS.autoattack:
+            # The ensemble joins the checks' white-box worst case (per example: robust only if it survives).
+            diagnostics["extra_attacks"] = (evaluation.diagnostics.ExtraAttack(
+                "AutoAttack",
+                lambda model, x, y, eps, norm, seed: evaluation.autoattack(
+                    model, x, y, eps, norm=norm, version=FLAGS.autoattack, seed=seed, batch_size=FLAGS.batch_size,
+                    budget=_autoattack_budget(), recover_logits=FLAGS.recover_logits)["robust"],
+                (("version", FLAGS.autoattack), ("implementation", "keras_wssi.evaluation.autoattack")),
+            ),)
     for name, path, (model, training_metrics) in zip(names, models, loaded):
         logging.info("Evaluating %s (%s)", name, path)
         evaluation.evaluate_model(

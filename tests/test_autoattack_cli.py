@@ -32,14 +32,16 @@ def test_evaluate_script_runs_the_ensemble(tmp_path, data_dir):
         f"--output_dir={report_dir}", "--num_examples=60", "--train_examples=0", "--jacobian_examples=0",
         "--noise=", "--attacks=apgd_ce,square_compiled", "--apgd_steps=5", "--square_queries=20", "--epsilons=0,0.1",
         "--autoattack=fast", "--autoattack_epsilon=0.1", "--autoattack_square_queries=30", "--autoattack_targets=2",
-        "--progress=false",
+        "--progress=false", "--dataset=mnist", "--diagnostics_epsilon=0.1", "--diagnostics_strong_steps=5",
+        "--diagnostics_square_examples=20",
     ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO_ROOT)
     result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-2000:]
     with open(os.path.join(report_dir, "report.json"), encoding="utf-8") as handle:
-        entry = json.load(handle)["models"]["mlp"]
+        content = json.load(handle)
+    entry = content["models"]["mlp"]
     recorded = entry["metrics"]["autoattack"]
     assert [a["name"] for a in recorded["attacks"]] == ["apgd_ce", "apgd_t", "square_compiled"]
     assert recorded["attacks"][1]["settings"]["n_targets"] == 2
@@ -52,6 +54,9 @@ def test_evaluate_script_runs_the_ensemble(tmp_path, data_dir):
                                 "square_compiled": {"nb_iter": 30}},
     )
     assert recorded["robust_accuracy"] == pytest.approx(direct["robust_accuracy"])
+    # The RobustBench-style fields carry the ensemble's number, and the masking checks ran the ensemble too.
+    assert content["robustbench"]["mlp"]["ensemble_acc"] == pytest.approx(recorded["robust_accuracy"])
+    assert "AutoAttack" in json.dumps(entry["diagnostics"])
     assert recorded["clean_accuracy"] == pytest.approx(entry["metrics"]["clean"]["accuracy"])
     curve = entry["curves"]["attack/apgd_ce"]
     assert curve["accuracy"][0] == pytest.approx(recorded["clean_accuracy"])

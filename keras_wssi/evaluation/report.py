@@ -487,6 +487,11 @@ def robustbench_entry(model, norm, epsilon, dataset=None):
         accuracies.append(matches[0])
         if settings.get("ensemble"):
             entry["ensemble_acc"] = matches[0]
+    ensemble = model.get("metrics", {}).get("autoattack")
+    same_threat = ensemble and ensemble.get("threat_model") == ("Linf" if norm == "linf" else "L2")
+    if same_threat and abs(float(ensemble.get("epsilon", -1.0)) - epsilon) <= 1e-9:
+        # keras_wssi.evaluation.autoattack's result, recorded by examples/evaluate.py --autoattack.
+        entry["ensemble_acc"] = ensemble["robust_accuracy"]
     diagnostics = model.get("diagnostics")
     if diagnostics:
         entry["gradient_masking"] = {"passed": diagnostics["passed"], "failed": diagnostics["failed"],
