@@ -128,7 +128,7 @@ def test_evaluate_cli_writes_robustbench_fields_and_diagnostics(seeds_run, data_
 
 def test_masking_table_counts_seeds_per_check():
     sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
-    import seeds
+    import seeds_tables as seeds  # The tables without seeds.py's flags (train.py's may be defined already).
 
     def run(accuracy, fingerprint, transfer_passed):
         checks = [{"check": "unbounded_epsilon", "passed": True},
