@@ -28,6 +28,7 @@ def _environment():
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_weights(data_dir, tmp_path):
     reference_dir, resumed_dir = str(tmp_path / "reference"), str(tmp_path / "resumed")
     reference = subprocess.run(_command(data_dir, reference_dir), capture_output=True, text=True, env=_environment())

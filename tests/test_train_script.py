@@ -22,6 +22,7 @@ def run_script(*args, timeout=900):
     )
 
 
+@pytest.mark.slow
 def test_mnist_mlp_with_weissi_reaches_98_percent_and_writes_every_output(data_dir, tmp_path):
     output_dir = str(tmp_path / "run")
     result = run_script(
@@ -46,6 +47,7 @@ def test_mnist_mlp_with_weissi_reaches_98_percent_and_writes_every_output(data_d
     assert abs(accuracy - metrics["test_accuracy"]) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flag, message",
     [
@@ -63,6 +65,7 @@ def test_bad_flags_are_refused_with_a_clear_message(flag, message, data_dir, tmp
     assert message in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_missing_data_dir_is_refused(tmp_path):
     result = run_script(f"--data_dir={tmp_path / 'missing'}", f"--output_dir={tmp_path}", timeout=300)
     assert result.returncode != 0
