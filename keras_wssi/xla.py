@@ -1,7 +1,7 @@
 """When to compile the train step with XLA: the measured rule behind `jit_compile="auto"`.
 
-On this project's 2-core CPU machine XLA makes the dense-only MLP's plain step faster but the small CNN's
-plain step about twice as slow (XLA's CPU convolutions are slower than TensorFlow's oneDNN kernels);
+On this project's 2-core CPU machine (idle), XLA makes the dense-only MLP's steps faster (median 0.80x the
+no-XLA time over the regularized cases) and the small CNN's steps slower (1.4-2.2x; 4.6-6.7x under load);
 `benchmarks/step_overhead.py` measures both, quoted in `docs/benchmarks.md` ("When to use XLA on CPU").
 The rule, stated identically in the README, the docs and `examples/train.py`:
 
@@ -72,7 +72,7 @@ def recommended_jit_compile(model, accelerator=None):
     """Whether to compile `model`'s train step with XLA, by the measured rule (see `RULE`).
 
     XLA on for models without convolutional layers, or when a GPU/TPU is present; off for convolutional models
-    on CPU, where XLA's convolutions made the small CNN's step ~2x slower than TensorFlow's (docs/benchmarks.md).
+    on CPU, where XLA made the small CNN's steps 1.4-2.2x slower (docs/benchmarks.md).
 
     Args:
         model: a `keras.Model`.
