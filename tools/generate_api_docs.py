@@ -23,6 +23,7 @@ MODULES = [
     "keras_wssi.linalg",
     "keras_wssi.data",
     "keras_wssi.architectures",
+    "keras_wssi.xla",
 ]
 
 
