@@ -195,7 +195,7 @@ def part_c(results):
 
 def part_d(results):
     data_dir = FLAGS.data_dir or kw.data.default_data_dir()
-    ranking = kw.analysis.dataset_complexity(FLAGS.datasets, data_dir=data_dir, hidden_units=(100,),
+    ranking = kw.experiments.dataset_complexity(FLAGS.datasets, data_dir=data_dir, hidden_units=(100,),
                                              epochs=FLAGS.slope_epochs, num_train=FLAGS.num_train,
                                              num_points=FLAGS.num_slope_points, seed=FLAGS.seed)
     results["d"] = ranking

@@ -1,19 +1,34 @@
 """keras_wssi: weight-scale-shift-invariant, Jacobian, curvature, weight-perturbation and slope
-regularizers for Keras 3, with the evaluation that checks what they buy."""
+regularizers for Keras 3, with the evaluation that checks what they buy.
+
+Layers of the package, lowest first (nothing imports a module above it; `tests/test_import_layering.py` derives
+this order from the imports and fails on a cycle or an upward import):
+
+1. tensor math and arguments: `validation`, `labels`, `linalg`;
+2. reading models and the step's autodiff: `structure`, `backend` (one module per Keras backend), `context`;
+3. training side: `penalties`, `regularizers`, then `models` (the training step), `architectures`, `data`,
+   `callbacks`, `experiments`;
+4. reading side: `analysis` (bounds, identities, slope, certificates), then `evaluation` (attacks, noise, weight
+   perturbations, reports). Neither imports the training side.
+"""
 
 from keras_wssi import analysis
 from keras_wssi import architectures
 from keras_wssi import callbacks
 from keras_wssi import data
 from keras_wssi import evaluation
+from keras_wssi import experiments
+from keras_wssi import labels
 from keras_wssi import linalg
 from keras_wssi import penalties
 from keras_wssi import regularizers
 from keras_wssi import structure
+from keras_wssi import validation
 from keras_wssi.models import FunctionalModel
 from keras_wssi.models import Model
 from keras_wssi.models import WrappedModel
 from keras_wssi.models import wrap
+from keras_wssi.penalties import penalty_loss
 
 __version__ = "0.1.0"
 
@@ -26,9 +41,13 @@ __all__ = [
     "callbacks",
     "data",
     "evaluation",
+    "experiments",
+    "labels",
     "linalg",
     "penalties",
+    "penalty_loss",
     "regularizers",
     "structure",
+    "validation",
     "wrap",
 ]

@@ -6,14 +6,9 @@ use only positively homogeneous activations, so the WEISSI scale shift applies t
 
 import keras
 
+from keras_wssi.models import Model
+
 __all__ = ["ARCHITECTURES", "build", "mlp", "small_cnn", "small_resnet"]
-
-
-def _model_class():
-    # Imported here to avoid an import cycle (models imports penalties, which import structure).
-    from keras_wssi.models import Model
-
-    return Model
 
 
 def mlp(input_shape=(28, 28, 1), num_classes=10, hidden_units=(1024, 1024), name="mlp"):
@@ -23,7 +18,7 @@ def mlp(input_shape=(28, 28, 1), num_classes=10, hidden_units=(1024, 1024), name
     for index, units in enumerate(hidden_units):
         x = keras.layers.Dense(units, activation="relu", name=f"dense_{index}")(x)
     outputs = keras.layers.Dense(num_classes, name="logits")(x)
-    return _model_class()(inputs, outputs, name=name)
+    return Model(inputs, outputs, name=name)
 
 
 def small_cnn(input_shape=(28, 28, 1), num_classes=10, filters=(32, 64), dense_units=128, name="small_cnn"):
@@ -36,7 +31,7 @@ def small_cnn(input_shape=(28, 28, 1), num_classes=10, filters=(32, 64), dense_u
     x = keras.layers.Flatten()(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="dense")(x)
     outputs = keras.layers.Dense(num_classes, name="logits")(x)
-    return _model_class()(inputs, outputs, name=name)
+    return Model(inputs, outputs, name=name)
 
 
 def small_resnet(input_shape=(28, 28, 1), num_classes=10, channels=32, num_blocks=2, name="small_resnet"):
@@ -56,7 +51,7 @@ def small_resnet(input_shape=(28, 28, 1), num_classes=10, channels=32, num_block
     x = keras.layers.MaxPooling2D(2, name="pool")(x)
     x = keras.layers.Flatten()(x)
     outputs = keras.layers.Dense(num_classes, name="logits")(x)
-    return _model_class()(inputs, outputs, name=name)
+    return Model(inputs, outputs, name=name)
 
 
 ARCHITECTURES = {"mlp": mlp, "cnn": small_cnn, "resnet": small_resnet}

@@ -6,9 +6,12 @@ and gradient stay finite at zero (the gradient of `sqrt` at 0 is infinite, DESIG
 
 import tensorflow as tf
 
+from keras_wssi import validation
+
 __all__ = [
     "NORMS",
     "conv2d_operator_norm",
+    "dense_chain_jacobian",
     "entrywise_norm",
     "gram_from_jacobian",
     "jacobian_from_vjp",
@@ -20,6 +23,7 @@ __all__ = [
     "per_example_jacobian",
     "power_iteration",
     "safe_norm",
+    "spectral_norm_squared",
     "top_eigenvector",
     "validate_norm",
 ]
@@ -94,8 +98,7 @@ def power_iteration(matrices, u, iterations=1, epsilon=1e-12):
         `sigma = uᵀ W v` per matrix, differentiable through `W` only (the envelope theorem: at the fixed
         point, the derivative of σ is `u vᵀ`).
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
+    iterations = validation.positive_int(iterations, "iterations")
     held = tf.stop_gradient(matrices)
     u = tf.stop_gradient(u)
     v = None
@@ -238,6 +241,72 @@ def top_eigenvector(gram, squarings=10, epsilon=1e-30):
     return vector, eigenvalue
 
 
+def spectral_norm_squared(jacobian, squarings=10):
+    """Per-example `σ_max(J)²` and the top left singular vector `v`, with the envelope-theorem gradient.
+
+    The one implementation of the per-example spectral norm of a Jacobian in keras_wssi: the spectral-norm
+    penalty (`method="exact"`), the slope penalty, `keras_wssi.analysis.slope` and the evaluation's Jacobian
+    statistics all call it. `v` is the top eigenvector of the `C×C` Gram matrix `J Jᵀ` (`top_eigenvector`, held
+    constant: no `eigh` in a training step, which was ~25× a whole step under XLA) and `σ² = ||vᵀ J||²` is
+    differentiable in `J` (exact at the eigenvector, where `∂σ²/∂J = 2 v vᵀ J`).
+
+    Args:
+        jacobian: `(B, C, …)` per-example Jacobians; float64 gives float64 accuracy (analysis), float32 the
+            training step's.
+        squarings: repeated squarings in `top_eigenvector` (`2^squarings` power steps).
+
+    Returns:
+        `(v (B, C), sigma_squared (B,))`.
+
+    Example:
+
+    ```python
+    _, sigma_squared = keras_wssi.linalg.spectral_norm_squared(jacobian)   # jacobian: (B, C, d)
+    ```
+    """
+    jacobian = tf.convert_to_tensor(jacobian)
+    flat = tf.reshape(jacobian, [tf.shape(jacobian)[0], tf.shape(jacobian)[1], -1])
+    vector, _ = top_eigenvector(tf.stop_gradient(tf.einsum("bcd,bed->bce", flat, flat)), squarings=squarings)
+    vector = tf.stop_gradient(vector)
+    return vector, tf.reduce_sum(tf.square(tf.einsum("bc,bcd->bd", vector, flat)), axis=-1)
+
+
+def dense_chain_jacobian(kernels, biases, activations, x):
+    """The per-example logit Jacobian `(B, C, d)` of a chain `Dense → activations → … → Dense`, by the chain rule
+    `W_Lᵀ D_{L−1} … D_1 W_1ᵀ` with `D_l = diag σ'(pre-activation)` (for ReLU, the local affine map at `x`).
+
+    Differentiable in the kernels (the masks `D_l` are held constant). One forward pass of the chain.
+
+    Args:
+        kernels: the `(n_{l−1}, n_l)` kernels, first to last.
+        biases: the biases (None where a layer has none).
+        activations: per hidden layer, the elementwise functions applied after it.
+        x: inputs `(B, …)`, flattened to `(B, d)`.
+    """
+    h = tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])
+    kernels = [tf.cast(k, tf.float32) for k in kernels]
+    derivatives = []
+    for index, (kernel, bias) in enumerate(zip(kernels, biases)):
+        pre = tf.matmul(h, kernel)
+        if bias is not None:
+            pre = pre + tf.cast(bias, tf.float32)
+        if index == len(kernels) - 1:
+            break
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(pre)
+            h = pre
+            for fn in activations[index]:
+                h = tf.cast(fn(h), tf.float32)
+        # Elementwise activations: the gradient of Σ σ(pre) is σ'(pre), the diagonal of D_l.
+        derivatives.append(tf.stop_gradient(tape.gradient(h, pre, unconnected_gradients="zero")))
+    jacobian = tf.transpose(kernels[-1])[None]  # (1, C, n_{L-1})
+    for kernel, derivative in zip(reversed(kernels[:-1]), reversed(derivatives)):
+        jacobian = tf.einsum("bcn,mn->bcm", jacobian * derivative[:, None, :], kernel)
+    if len(kernels) == 1:
+        jacobian = tf.tile(jacobian, [tf.shape(h)[0], 1, 1])
+    return jacobian
+
+
 def jacobian_power_iteration(vjp, jvp, start, iterations=2, epsilon=1e-12):
     """Per-example power iteration on `J Jᵀ` (C×C) for `σ_max(J)²`, with the envelope-theorem gradient.
 
@@ -257,8 +326,7 @@ def jacobian_power_iteration(vjp, jvp, start, iterations=2, epsilon=1e-12):
     Returns:
         `(v, sigma_squared)`: the final unit vectors `(B, C)` (constant) and `||vᵀ J||²` per example `(B,)`.
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
+    iterations = validation.positive_int(iterations, "iterations")
     v = l2_normalize(tf.stop_gradient(tf.cast(start, tf.float32)), axis=-1, epsilon=epsilon)
     for _ in range(iterations):
         u = tf.stop_gradient(vjp(v))
@@ -287,8 +355,7 @@ def jacobian_lanczos(vjp, jvp, start, iterations=2, epsilon=1e-12):
     Returns:
         `(y, sigma_squared)`: unit Ritz vectors `(B, C)` (constant) and `||yᵀ J||²` `(B,)`.
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
+    iterations = validation.positive_int(iterations, "iterations")
     basis = [l2_normalize(tf.stop_gradient(tf.cast(start, tf.float32)), axis=-1, epsilon=epsilon)]
     products = []
     for step in range(iterations + 1):
@@ -341,8 +408,7 @@ def conv2d_operator_norm(kernel, u, strides=1, padding="same", dilations=1, iter
         `(u, sigma)`: the new input-space vector (constant, unit norm) and `σ = vᵀ conv(u)`, differentiable
         through the kernel only (envelope theorem).
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
+    iterations = validation.positive_int(iterations, "iterations")
     strides, padding, dilations = _conv_arguments(strides, padding, dilations)
     kernel = tf.convert_to_tensor(kernel)
     held = tf.stop_gradient(kernel)

@@ -9,15 +9,41 @@ on is kept: the step goes through `compute_loss` (so layer regularizers in `mode
 
 import keras
 import tensorflow as tf
-from keras.src.losses import loss as keras_loss_module
 from keras.src.models.functional import Functional
 from keras.src.models.functional import functional_from_config
 from keras.src.models.model import functional_init_arguments
 
+from keras_wssi import backend
 from keras_wssi import penalties as penalties_module
-from keras_wssi.penalties.base import PenaltyContext
+from keras_wssi.penalties.apply import penalty_loss
 
 __all__ = ["FunctionalModel", "Model", "WrappedModel", "wrap"]
+
+
+# Names a penalty cannot take: they would overwrite Keras's own entries in History and the progress bar.
+_RESERVED_NAMES = frozenset({"loss", "compile_metrics", "accuracy", "acc", "crossentropy", "ce"})
+
+
+def _metric_names(metrics):
+    """The log names of the metrics given to `compile` (strings, functions, Metric objects, nested lists or dicts)."""
+    names = set()
+    if metrics is None:
+        return names
+    if isinstance(metrics, dict):
+        metrics = list(metrics.values())
+    if not isinstance(metrics, (list, tuple)):
+        metrics = [metrics]
+    for metric in metrics:
+        if isinstance(metric, (list, tuple, dict)):
+            names |= _metric_names(metric)
+        elif isinstance(metric, str):
+            names.add(metric)
+            names.add({"acc": "accuracy", "ce": "crossentropy"}.get(metric, metric))
+        elif getattr(metric, "name", None):
+            names.add(metric.name)
+        elif getattr(metric, "__name__", None):
+            names.add(metric.__name__)
+    return names
 
 
 class _PenaltySet:
@@ -28,10 +54,6 @@ class _PenaltySet:
         self.penalties = list(penalties)
         self.trackers = [keras.metrics.Mean(name=p.name) for p in self.penalties]
         self.regularize_evaluation = bool(regularize_evaluation)
-
-    @property
-    def needs_input_jacobian(self):
-        return any("input_jacobian" in p.requires for p in self.penalties)
 
 
 @keras.saving.register_keras_serializable(package="keras_wssi")
@@ -103,8 +125,16 @@ class Model(keras.Model):
                 f"Penalty names must be unique (each is a metric), got duplicates {duplicates}: pass name=... "
                 "to tell them apart."
             )
-        if "loss" in names:
-            raise ValueError("A penalty cannot be named 'loss': that metric is the total training objective.")
+        taken = (_RESERVED_NAMES | _metric_names(metrics) | _metric_names(weighted_metrics)) & set(names)
+        prefixed = [n for n in names if n.startswith("val_")]
+        if taken or prefixed:
+            raise ValueError(
+                f"Penalty names {sorted(taken | set(prefixed))} collide with metric names: a penalty's value is logged "
+                "under its name (and 'val_<name>' in evaluation), which must not be 'loss', a compiled metric's name or "
+                "start with 'val_'. Pass name=... to the penalty."
+            )
+        for penalty in penalties:
+            penalty.check_model(self)
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -117,6 +147,25 @@ class Model(keras.Model):
             auto_scale_loss=auto_scale_loss,
         )
         self._keras_wssi_penalties = _PenaltySet(penalties, regularize_evaluation)
+        self._track_penalty_state(penalties)
+        self._build_penalties()
+
+    def _track_penalty_state(self, penalties):
+        """Makes every penalty's `PenaltyVariables` a tracked sub-layer, so its variables are model variables
+        (saved, restored, distributed); replaces those of an earlier `compile`."""
+        layers = [p.state for p in penalties]
+        old = list(getattr(self, "_keras_wssi_state", None) or [])
+        # The model's state is locked once built; Keras unlocks the same way to add state late (Layer.quantize).
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            for layer in old:
+                if not any(layer is new for new in layers):
+                    self._tracker.untrack(layer)
+            self._keras_wssi_state = layers
+        finally:
+            if locked:
+                self._tracker.lock()
 
     @property
     def penalties(self):
@@ -140,8 +189,8 @@ class Model(keras.Model):
             return
         for penalty in bundle.penalties:
             if not penalty.built:
-                # Penalties create their state here, eagerly and under the model's distribution strategy,
-                # before any step is traced.
+                # Penalties create their state here, eagerly and under the model's distribution strategy, before
+                # any step is traced (and before `load_model` restores the state).
                 with self.distribute_strategy.scope():
                     penalty.build(self)
 
@@ -156,39 +205,14 @@ class Model(keras.Model):
     def _forward_loss_and_penalties(self, x, y, sample_weight, training):
         bundle = self._keras_wssi_penalties
         active = bundle is not None and bundle.penalties and (training or bundle.regularize_evaluation)
-        input_tape = None
-        if active and bundle.needs_input_jacobian:
-            if not tf.is_tensor(x) and not hasattr(x, "dtype"):
-                raise ValueError(
-                    "Input-Jacobian penalties need a model with a single tensor input, got inputs of type "
-                    f"{type(x).__name__}."
-                )
-            x = tf.convert_to_tensor(x)
-            if not x.dtype.is_floating:
-                raise TypeError(
-                    f"Input-Jacobian penalties differentiate with respect to the inputs, which must be floating "
-                    f"point; got dtype {x.dtype.name}. Cast the data (e.g. images / 255) before fit()."
-                )
-            # Persistent, so every penalty can take its own vector-Jacobian products from this one forward pass.
-            input_tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)
-            with input_tape:
-                input_tape.watch(x)
-                y_pred = self(x, training=training)
-        else:
+        if not active:
             y_pred = self(x, training=training)
-        loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-        values = []
-        if active:
-            context = PenaltyContext(self, x, y, sample_weight, y_pred, training, input_tape=input_tape)
-            total = tf.zeros([], tf.float32)
-            for penalty in bundle.penalties:
-                value = penalty(context)
-                values.append(value)
-                if penalty.strength:
-                    total += penalty.strength * value
-            # Per-replica scaling, as Keras does for the compiled loss and `model.losses`.
-            loss = loss + tf.cast(keras_loss_module.scale_loss_for_distribution(total), loss.dtype)
-        return y_pred, loss, values
+            return y_pred, self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training), []
+        result = penalty_loss(self, bundle.penalties, x, y, sample_weight, training=training)
+        loss = self._compute_loss(x=x, y=y, y_pred=result.y_pred, sample_weight=sample_weight, training=training)
+        # Per-replica scaling, as Keras does for the compiled loss and `model.losses`.
+        loss = loss + tf.cast(backend.scale_loss_for_distribution(result.total), loss.dtype)
+        return result.y_pred, loss, list(result.values.values())
 
     def _update_penalty_metrics(self, values):
         bundle = self._keras_wssi_penalties
@@ -203,7 +227,7 @@ class Model(keras.Model):
         with tf.GradientTape() as tape:
             y_pred, loss, values = self._forward_loss_and_penalties(x, y, sample_weight, training=True)
             self._loss_tracker.update_state(
-                keras_loss_module.unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x)
+                backend.unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x)
             )
             if self.optimizer is not None:
                 loss = self.optimizer.scale_loss(loss)
@@ -218,7 +242,7 @@ class Model(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred, loss, values = self._forward_loss_and_penalties(x, y, sample_weight, training=False)
         self._loss_tracker.update_state(
-            keras_loss_module.unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x)
+            backend.unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x)
         )
         self._update_penalty_metrics(values)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from keras_wssi import linalg
-from keras_wssi.penalties.base import validate_strength
+from keras_wssi import validation
 
 __all__ = ["DirectionL1", "LogNorm", "LpDecay", "SpectralNormRegularizer"]
 
@@ -25,7 +25,7 @@ class LpDecay(keras.Regularizer):
     """
 
     def __init__(self, strength=1e-4, p=2.0):
-        self.strength = validate_strength(strength)
+        self.strength = validation.strength(strength)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not float(p) >= 1.0:
             raise ValueError(f"p must be a number >= 1, got {p!r}.")
         self.p = float(p)
@@ -59,7 +59,7 @@ class LogNorm(keras.Regularizer):
     """
 
     def __init__(self, strength=1e-3, norm="frobenius", epsilon=1e-8):
-        self.strength = validate_strength(strength)
+        self.strength = validation.strength(strength)
         norm = linalg.validate_norm(norm)
         if norm == "spectral":
             raise ValueError(
@@ -84,7 +84,7 @@ class DirectionL1(keras.Regularizer):
     """`strength · || W / ||W||_F ||_1`: the scale-invariant sparsity term of the direction of `W`."""
 
     def __init__(self, strength=1e-4, epsilon=1e-8):
-        self.strength = validate_strength(strength)
+        self.strength = validation.strength(strength)
         self.epsilon = float(epsilon)
 
     def __call__(self, x):
@@ -127,7 +127,7 @@ class SpectralNormRegularizer(keras.Regularizer):
     """
 
     def __init__(self, strength=0.01, iterations=1, conv_input_shape=None, strides=1, padding="same"):
-        self.strength = validate_strength(strength)
+        self.strength = validation.strength(strength)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
         self.iterations = iterations

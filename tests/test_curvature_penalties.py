@@ -114,6 +114,6 @@ def test_bad_input_gets_clear_errors():
         P.CURE(inference_probes="yes")
     inputs = keras.Input((4,), dtype="int32")
     model = kw.Model(inputs, keras.layers.Dense(3)(keras.layers.Lambda(lambda t: tf.cast(t, "float32"))(inputs)))
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), regularizers=[P.CURE()])
     with pytest.raises(TypeError, match="floating point"):
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), regularizers=[P.CURE()])
         model.fit(np.zeros((4, 4), "int32"), np.zeros(4, "int64"), verbose=0)

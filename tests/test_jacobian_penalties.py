@@ -298,16 +298,17 @@ def test_bad_input_gets_clear_errors():
     # Softmax output layer: a warning that penalties are defined on logits.
     inputs = keras.Input((4,))
     probabilities = kw.Model(inputs, keras.layers.Dense(3, activation="softmax")(inputs))
-    probabilities.compile("sgd", "sparse_categorical_crossentropy", regularizers=[P.InputGradient()])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # Penalties are built (and check the model) at compile time, where their state is created.
+        probabilities.compile("sgd", "sparse_categorical_crossentropy", regularizers=[P.InputGradient()])
         probabilities.fit(np.zeros((4, 4), "float32"), np.zeros(4, "int64"), verbose=0)
     assert any("logits" in str(w.message) for w in caught)
     # Integer inputs.
     inputs = keras.Input((4,), dtype="int32")
     integer = kw.Model(inputs, keras.layers.Dense(3)(keras.layers.Lambda(lambda t: tf.cast(t, "float32"))(inputs)))
-    integer.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), regularizers=[P.CrossLipschitz()])
     with pytest.raises(TypeError, match="floating point"):
+        integer.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), regularizers=[P.CrossLipschitz()])
         integer.fit(np.zeros((4, 4), "int32"), np.zeros(4, "int64"), verbose=0)
 
 

@@ -105,7 +105,7 @@ def test_bad_input():
 
 
 def test_dataset_complexity_ranks_real_data_sets(data_dir):
-    results = kw.analysis.dataset_complexity(
+    results = kw.experiments.dataset_complexity(
         ("mnist", "fashion_mnist"), data_dir=data_dir, hidden_units=(32,), epochs=1, num_train=2000, num_points=100
     )
     assert [r["dataset"] for r in results] == sorted([r["dataset"] for r in results], key=lambda n: [r["median"] for r in results if r["dataset"] == n][0])

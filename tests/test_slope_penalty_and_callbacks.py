@@ -124,8 +124,8 @@ def test_bad_penalty_arguments():
     with pytest.raises(ValueError, match="iterations"):
         P.SlopePenalty(iterations=0)
     model = tiny_cnn()
-    model.compile("sgd", LOSS, regularizers=[P.SlopePenalty(method="exact")])
     with pytest.raises(kw.structure.StructureError):
+        model.compile("sgd", LOSS, regularizers=[P.SlopePenalty(method="exact")])
         model.train_on_batch(*data((6, 6, 1)))
 
 

@@ -1,4 +1,9 @@
-"""Analysis tools: functions of a trained model and data, used by tests, experiments and reports."""
+"""Analysis tools: functions of a trained model and data, used by tests, experiments and reports.
+
+Analysis only reads models: it imports the tensor math (`linalg`, `labels`, `validation`), the model reader
+(`structure`) and the step context (`context`), never the training side (`penalties`, `models`, `callbacks`,
+`data`, `architectures`) — a test checks this.
+"""
 
 from keras_wssi.analysis.bounds import input_gradient_bound
 from keras_wssi.analysis.bounds import input_jacobian_spectral_norms
@@ -10,7 +15,6 @@ from keras_wssi.analysis.jacobian import jacobian_identities
 from keras_wssi.analysis.jacobian import jacobian_penalty_report
 from keras_wssi.analysis.jacobian import jacobian_spectral_norm_estimates
 from keras_wssi.analysis.jacobian import layerwise_spectral_norms
-from keras_wssi.analysis.slope import dataset_complexity
 from keras_wssi.analysis.slope import slope
 from keras_wssi.analysis.slope import slope_distribution
 from keras_wssi.analysis.weight_perturbation import certified_accuracy

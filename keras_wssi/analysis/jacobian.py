@@ -16,8 +16,11 @@ model's Jacobian), and `jacobian_penalty_report` puts every penalty of the famil
 import numpy as np
 import tensorflow as tf
 
+from keras_wssi import labels as labels_module
 from keras_wssi import linalg
 from keras_wssi import structure
+from keras_wssi import validation
+from keras_wssi.context import PenaltyContext
 
 __all__ = [
     "centered_jacobian",
@@ -27,13 +30,6 @@ __all__ = [
     "jacobian_spectral_norm_estimates",
     "layerwise_spectral_norms",
 ]
-
-
-def _as_labels(y, num_classes):
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[-1] == num_classes:
-        return np.argmax(y, axis=-1)
-    return y.reshape(-1).astype(np.int64)
 
 
 def input_jacobian(model, x, batch_size=128, training=False):
@@ -57,8 +53,7 @@ def input_jacobian(model, x, batch_size=128, training=False):
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"x must be floating point to be differentiated, got dtype {x.dtype}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    batch_size = validation.positive_int(batch_size, "batch_size")
 
     @tf.function(reduce_retracing=True)
     def jacobian_of(batch):
@@ -129,7 +124,7 @@ def jacobian_identities(model, x, y, directions=None):
     x = np.asarray(x)
     jacobian = input_jacobian(model, x, batch_size=len(x))
     num_classes = jacobian.shape[1]
-    labels = _as_labels(y, num_classes)
+    labels = labels_module.class_indices(y, num_classes, "y")
     flat = _flat(jacobian)
     if directions is None:
         _, gradient, _ = _autodiff_loss_gradient_and_hvp(model, x, labels, np.zeros_like(x))
@@ -200,7 +195,7 @@ def jacobian_penalty_report(model, x, y, cure_h=0.5, batch_size=128):
     x = np.asarray(x)
     jacobian = input_jacobian(model, x, batch_size=batch_size)
     num_classes = jacobian.shape[1]
-    labels = _as_labels(y, num_classes)
+    labels = labels_module.class_indices(y, num_classes, "y")
     flat = _flat(jacobian)
     logits = np.concatenate([np.asarray(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)])
     residual = _softmax(logits.astype(np.float64)) - np.eye(num_classes)[labels]
@@ -238,11 +233,12 @@ def jacobian_spectral_norm_estimates(model, x, y, penalty, batch_size=128, warm_
     """`(estimate, exact)` per-example `σ_max(J)`: what `penalty` (a `JacobianSpectralNorm`) computes in a step
     on this data, and the SVD of the full Jacobian (float64). Used to report the estimate's error.
 
+    The penalty is replayed through the same `PenaltyContext` the training step builds (analysis reads the
+    penalty it is given; it does not import the penalties).
+
     With `start="warm"` the batches are processed as in training, each one's estimate starting from the state
     the earlier batches left (and updating it); `warm_up=True` first runs one pass over the data so that the
     first batches do not start cold, as after the first training steps."""
-    from keras_wssi.penalties.base import PenaltyContext  # Analysis reads penalties, not the other way round.
-
     x = np.asarray(x)
     if not penalty.built:
         penalty.build(model)

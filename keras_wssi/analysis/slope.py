@@ -1,4 +1,4 @@
-"""The slope of a network: per-example σ_max of the logit Jacobian, its distribution, and data-set complexity.
+"""The slope of a network: per-example σ_max of the logit Jacobian and its distribution.
 
 Johansson, Engsner, Strannegård, Mostad, "Slope and generalization properties of neural networks"
 (arXiv 2107.01473). `slope(x) = σ_max(J(x))`, `J = ∂z/∂x` the Jacobian of the logits (no softmax). For a
@@ -9,6 +9,9 @@ activation masks at `x`); the object of study is its distribution over a fixed s
   `W_L D_{L-1} … D_1 W_1` with `D_l = diag σ'(pre-activation)` (for ReLU MLPs: the local affine map).
 - Other models (`method="jacobian"`): the full per-example Jacobian (`keras_wssi.linalg.per_example_jacobian`,
   one replicated forward and backward pass), then the largest singular value.
+
+Ranking data sets by complexity trains reference networks, so it lives above analysis, in
+`keras_wssi.experiments.dataset_complexity`.
 """
 
 import numpy as np
@@ -16,65 +19,33 @@ import tensorflow as tf
 
 from keras_wssi import linalg
 from keras_wssi import structure
-from keras_wssi.analysis.weight_perturbation import dense_chain
+from keras_wssi import validation
+from keras_wssi.structure import dense_chain
 
 __all__ = [
     "METHODS",
-    "dataset_complexity",
     "local_jacobian",
     "slope",
     "slope_distribution",
     "spectral_norm_from_jacobian",
-    "top_singular_value_squared",
 ]
 
 METHODS = ("auto", "exact", "jacobian")
+# 2^20 power steps in `top_eigenvector`: float64-exact unless the top two singular values agree to ~1e-6.
+_SQUARINGS = 20
 
 
 def local_jacobian(chain, x):
-    """The per-example logit Jacobian `(B, C, d)` of a Dense chain (see `dense_chain`), by the chain rule.
-
-    Differentiable in the kernels. For ReLU layers `σ'` is the 0/1 mask (the local affine map).
-    """
-    h = tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])
-    derivatives = []
-    for index, layer in enumerate(chain.layers):
-        pre = tf.matmul(h, tf.cast(layer.kernel, tf.float32))
-        if layer.bias is not None:
-            pre = pre + tf.cast(layer.bias, tf.float32)
-        if index == len(chain.layers) - 1:
-            break
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(pre)
-            h = pre
-            for fn in chain.activations[index]:
-                h = tf.cast(fn(h), tf.float32)
-        # Elementwise activations: the gradient of Σ σ(pre) is σ'(pre), the diagonal of D_l.
-        derivatives.append(tf.stop_gradient(tape.gradient(h, pre, unconnected_gradients="zero")))
-    kernels = [tf.cast(k, tf.float32) for k in chain.kernels]
-    jacobian = tf.transpose(kernels[-1])[None]  # (1, C, n_{L-1})
-    for kernel, derivative in zip(reversed(kernels[:-1]), reversed(derivatives)):
-        jacobian = tf.einsum("bcn,mn->bcm", jacobian * derivative[:, None, :], kernel)
-    if len(kernels) == 1:
-        jacobian = tf.tile(jacobian, [tf.shape(h)[0], 1, 1])
-    return jacobian
-
-
-def top_singular_value_squared(jacobian):
-    """`σ_max(J)²` per example with the envelope-theorem gradient: the top eigenvector `v` of `J Jᵀ` (C×C) is
-    held constant and `||vᵀ J||²` is returned (differentiable in `J`)."""
-    flat = tf.reshape(jacobian, [tf.shape(jacobian)[0], tf.shape(jacobian)[1], -1])
-    gram = tf.matmul(flat, flat, transpose_b=True)
-    _, vectors = tf.linalg.eigh(tf.stop_gradient(gram))
-    v = tf.stop_gradient(vectors[..., -1])
-    return tf.reduce_sum(tf.square(tf.einsum("bc,bcd->bd", v, flat)), axis=-1)
+    """The per-example logit Jacobian `(B, C, d)` of a Dense chain (see `keras_wssi.structure.dense_chain`), by the
+    chain rule (`keras_wssi.linalg.dense_chain_jacobian`). Differentiable in the kernels. For ReLU layers `σ'` is
+    the 0/1 mask (the local affine map)."""
+    return linalg.dense_chain_jacobian(chain.kernels, [layer.bias for layer in chain.layers], chain.activations, x)
 
 
 def spectral_norm_from_jacobian(jacobian):
-    """`σ_max` of each `(C, d)` Jacobian in a batch (NumPy float64, via the C×C Gram matrix)."""
-    flat = np.asarray(jacobian, np.float64).reshape(len(jacobian), jacobian.shape[1], -1)
-    gram = flat @ np.transpose(flat, (0, 2, 1))
-    return np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[:, -1], 0.0))
+    """`σ_max` of each `(C, d)` Jacobian in a batch (float64 NumPy; `keras_wssi.linalg.spectral_norm_squared`)."""
+    _, sigma_squared = linalg.spectral_norm_squared(tf.constant(np.asarray(jacobian, np.float64)), squarings=_SQUARINGS)
+    return np.sqrt(np.maximum(sigma_squared.numpy(), 0.0))
 
 
 def _per_example_jacobian(model, x):
@@ -115,19 +86,19 @@ def slope(model, x, batch_size=256, method="auto"):
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"x must be floating point (the slope differentiates with respect to it), got {x.dtype}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    batch_size = validation.positive_int(batch_size, "batch_size")
 
     @tf.function(reduce_retracing=True)
-    def gram_batch(xb):
+    def sigma_squared_batch(xb):
         jacobian = local_jacobian(chain, xb) if method == "exact" else _per_example_jacobian(model, xb)
-        flat = tf.reshape(jacobian, [tf.shape(jacobian)[0], tf.shape(jacobian)[1], -1])
-        return tf.matmul(flat, flat, transpose_b=True)
+        # float64 from the Jacobian on: the analysis reports σ_max to float64 accuracy.
+        _, sigma_squared = linalg.spectral_norm_squared(tf.cast(jacobian, tf.float64), squarings=_SQUARINGS)
+        return sigma_squared
 
     values = []
     for start in range(0, len(x), batch_size):
-        gram = gram_batch(tf.convert_to_tensor(x[start : start + batch_size], tf.float32)).numpy().astype(np.float64)
-        values.append(np.sqrt(np.maximum(np.linalg.eigvalsh(gram)[:, -1], 0.0)))
+        sigma_squared = sigma_squared_batch(tf.convert_to_tensor(x[start : start + batch_size], tf.float32)).numpy()
+        values.append(np.sqrt(np.maximum(sigma_squared, 0.0)))
     return np.concatenate(values) if values else np.zeros([0])
 
 
@@ -151,60 +122,3 @@ def slope_distribution(model, x, quantiles=(0.1, 0.25, 0.5, 0.75, 0.9), bins=30,
         "histogram": counts,
         "bin_edges": edges,
     }
-
-
-def dataset_complexity(
-    datasets=("mnist", "fashion_mnist"),
-    data_dir=None,
-    hidden_units=(100,),
-    epochs=3,
-    num_train=10000,
-    num_points=750,
-    batch_size=128,
-    learning_rate=1e-3,
-    seed=0,
-    model_fn=None,
-):
-    """Ranks data sets by the slope of a reference network trained on each (Johansson et al. 2021, §5).
-
-    For every data set the same reference network (a ReLU MLP `hidden_units`, or `model_fn(input_shape,
-    num_classes)`) is trained with Adam on the first `num_train` training images; the slope is measured
-    on `num_points` fixed training points. A larger slope means a more complex (harder) data set.
-
-    Returns:
-        A list of dicts sorted by median slope (least complex first): `dataset`, `median`, `mean`,
-        `quantiles` (0.1, 0.9), `test_accuracy`.
-    """
-    import keras
-
-    from keras_wssi import architectures
-    from keras_wssi import data
-
-    results = []
-    for name in datasets:
-        keras.utils.set_random_seed(seed)
-        x_train, y_train = data.load_arrays(name, "train", data_dir=data_dir)
-        x_test, y_test = data.load_arrays(name, "test", data_dir=data_dir)
-        x_train, y_train = x_train[:num_train], y_train[:num_train]
-        if model_fn is None:
-            model = architectures.mlp(input_shape=x_train.shape[1:], hidden_units=tuple(hidden_units))
-        else:
-            model = model_fn(x_train.shape[1:], 10)
-        model.compile(
-            keras.optimizers.Adam(learning_rate),
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
-        model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, verbose=0)
-        accuracy = float(model.evaluate(x_test, y_test, verbose=0, return_dict=True)["accuracy"])
-        distribution = slope_distribution(model, x_train[:num_points], quantiles=(0.1, 0.5, 0.9))
-        results.append(
-            {
-                "dataset": name,
-                "median": distribution["quantiles"][0.5],
-                "mean": distribution["mean"],
-                "quantiles": {0.1: distribution["quantiles"][0.1], 0.9: distribution["quantiles"][0.9]},
-                "test_accuracy": accuracy,
-            }
-        )
-    return sorted(results, key=lambda r: r["median"])

@@ -32,6 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_wssi import structure
+from keras_wssi.structure import DenseChain
+from keras_wssi.structure import dense_chain
 
 __all__ = [
     "NORMS",
@@ -60,13 +62,6 @@ _NORM_ALIASES = {
 # ||e_y − e_i||_q for the dual norm q of p.
 _PAIR_CONSTANT = {"inf": 2.0, "1": 1.0, "2": math.sqrt(2.0)}
 
-# Elementwise activations with σ(0) = 0, 1-Lipschitz and monotone: the certificate holds for them.
-_CERTIFIABLE_ACTIVATIONS = {"linear", "relu", "leaky_relu", "relu6", "elu", "tanh"}
-# Piecewise-linear ones (the local affine map is exact): used by the slope module.
-PIECEWISE_LINEAR_ACTIVATIONS = {"linear", "relu", "leaky_relu"}
-_NON_MONOTONE = {"gelu", "silu", "swish", "mish", "sin", "cos", "sinc", "hard_swish", "hard_silu", "log_softmax"}
-_NONZERO_AT_ZERO = {"sigmoid", "softplus", "hard_sigmoid", "exponential", "softmax", "softsign_shifted"}
-_SKIPPED_LAYERS = (L.InputLayer, L.Dropout, L.GaussianDropout, L.AlphaDropout, L.GaussianNoise, L.Identity)
 
 
 def validate_weight_norm(norm, argument="norm"):
@@ -95,166 +90,6 @@ def validate_epsilon(epsilon, argument="epsilon"):
     if not math.isfinite(epsilon) or epsilon < 0.0:
         raise ValueError(f"{argument} must be a finite non-negative number (a norm radius), got {epsilon!r}.")
     return epsilon
-
-
-def _activation_name(fn):
-    if fn is None:
-        return "linear"
-    name = getattr(fn, "__name__", None) or type(fn).__name__
-    return name.lower()
-
-
-class DenseChain:
-    """A model read as `Flatten → (Dense → elementwise activations)*`, the class the certificate covers.
-
-    Attributes:
-        layers: the Dense layers in order.
-        activations: per Dense layer, the list of elementwise callables applied after it (its own
-            activation, then standalone activation layers), as Python callables on tensors.
-        activation_names: the same, as names.
-        names: the Dense layers' names.
-    """
-
-    def __init__(self, layers, activations, activation_names):
-        self.layers = list(layers)
-        self.activations = list(activations)
-        self.activation_names = list(activation_names)
-
-    @property
-    def names(self):
-        return [layer.name for layer in self.layers]
-
-    @property
-    def kernels(self):
-        return [layer.kernel for layer in self.layers]
-
-    @property
-    def biases(self):
-        return [layer.bias for layer in self.layers]
-
-    @property
-    def piecewise_linear(self):
-        return all(set(names) <= PIECEWISE_LINEAR_ACTIVATIONS for names in self.activation_names[:-1])
-
-    def hidden(self, x, kernels=None):
-        """The hidden activations `[h_0 = flatten(x), h_1, …, h_{L-1}]` and the logits (float32)."""
-        kernels = self.kernels if kernels is None else kernels
-        h = tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])
-        hidden = [h]
-        for index, (layer, kernel) in enumerate(zip(self.layers, kernels)):
-            h = tf.matmul(h, tf.cast(kernel, tf.float32))
-            if layer.bias is not None:
-                h = h + tf.cast(layer.bias, tf.float32)
-            for fn in self.activations[index]:
-                h = tf.cast(fn(h), tf.float32)
-            if index < len(self.layers) - 1:
-                hidden.append(h)
-        return hidden, h
-
-
-def _check_activation(name, where, method):
-    if name in _CERTIFIABLE_ACTIVATIONS:
-        return
-    if name in _NON_MONOTONE:
-        raise structure.StructureError(
-            f"{method}: {where} uses the non-monotone activation {name!r}; the certificate needs monotone, "
-            "1-Lipschitz activations with σ(0) = 0 (linear, relu, leaky_relu, relu6, elu, tanh)."
-        )
-    if name in _NONZERO_AT_ZERO:
-        raise structure.StructureError(
-            f"{method}: {where} uses the activation {name!r} with σ(0) ≠ 0 (or not elementwise); the certificate "
-            "needs monotone, 1-Lipschitz activations with σ(0) = 0 (linear, relu, leaky_relu, relu6, elu, tanh)."
-        )
-    raise structure.StructureError(
-        f"{method}: {where} uses the activation {name!r}, which is not known to be monotone and 1-Lipschitz "
-        "with σ(0) = 0; supported: linear, relu, leaky_relu, relu6, elu, tanh."
-    )
-
-
-def _standalone_activation(layer, method):
-    if isinstance(layer, L.ReLU):
-        if layer.max_value is not None and float(layer.max_value) != 6.0 or float(layer.threshold) != 0.0:
-            raise structure.StructureError(
-                f"{method}: ReLU layer {layer.name!r} has a threshold or a ceiling other than 6; σ(0) = 0 and "
-                "1-Lipschitz are needed."
-            )
-        if not 0.0 <= float(layer.negative_slope) <= 1.0:
-            raise structure.StructureError(
-                f"{method}: ReLU layer {layer.name!r} has negative_slope {layer.negative_slope}; it must be in "
-                "[0, 1] (1-Lipschitz, monotone)."
-            )
-        return "relu" if float(layer.negative_slope) == 0.0 else "leaky_relu"
-    if isinstance(layer, L.LeakyReLU):
-        slope = float(getattr(layer, "negative_slope", getattr(layer, "alpha", 0.3)))
-        if not 0.0 <= slope <= 1.0:
-            raise structure.StructureError(
-                f"{method}: LeakyReLU layer {layer.name!r} has slope {slope}; it must be in [0, 1]."
-            )
-        return "leaky_relu"
-    if isinstance(layer, L.Activation):
-        return _activation_name(layer.activation)
-    return None
-
-
-def dense_chain(model, method="The weight-perturbation certificate"):
-    """Reads `model` as a chain of Dense layers with elementwise activations (see `DenseChain`).
-
-    Accepted layers: Input, Flatten/Reshape before the first Dense, Dropout-like layers (identity at
-    inference), Dense, and Activation/ReLU/LeakyReLU layers. The last Dense must output logits (no
-    softmax after it).
-
-    Raises:
-        keras_wssi.structure.StructureError: another layer, a branch, a non-monotone activation, or an
-            activation with σ(0) ≠ 0.
-    """
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
-    nodes = structure.graph_nodes(model)
-    dense_layers, activations, names = [], [], []
-    for node in nodes:
-        layer = node.layer
-        if len(node.parents) > 1 or len(node.children) > 1:
-            raise structure.StructureError(
-                f"{method} covers feed-forward chains; layer {layer.name!r} has several inputs or outputs."
-            )
-        if isinstance(layer, _SKIPPED_LAYERS):
-            continue
-        if isinstance(layer, (L.Flatten, L.Reshape)):
-            if dense_layers:
-                raise structure.StructureError(
-                    f"{method}: {type(layer).__name__} layer {layer.name!r} after a Dense layer is not supported."
-                )
-            continue
-        if isinstance(layer, L.Dense):
-            if not layer.built:
-                raise structure.StructureError(f"Layer {layer.name!r} is not built yet; build the model first.")
-            name = _activation_name(layer.activation)
-            dense_layers.append(layer)
-            activations.append([layer.activation] if name != "linear" else [])
-            names.append([name])
-            continue
-        standalone = _standalone_activation(layer, method)
-        if standalone is None:
-            raise structure.StructureError(
-                f"{method} covers Dense networks with elementwise activations; layer {layer.name!r} "
-                f"({type(layer).__name__}) is not supported."
-            )
-        if not dense_layers:
-            raise structure.StructureError(f"{method}: activation layer {layer.name!r} before the first Dense.")
-        activations[-1].append(layer)
-        names[-1].append(standalone)
-    if not dense_layers:
-        raise structure.StructureError(f"{method}: model {model.name!r} has no Dense layer.")
-    for index, layer_names in enumerate(names):
-        is_last = index == len(names) - 1
-        for name in layer_names:
-            if is_last and name != "linear":
-                raise structure.StructureError(
-                    f"{method} is stated on logits, but the last Dense layer {dense_layers[-1].name!r} is followed "
-                    f"by {name!r}; remove the output activation (use from_logits=True losses)."
-                )
-            _check_activation(name, f"layer {dense_layers[index].name!r}", method)
-    return DenseChain(dense_layers, activations, names)
 
 
 def operator_norm(kernel, norm="inf"):
@@ -404,7 +239,7 @@ def certified_margins(model, x, y, epsilon, norm="inf", layers=None, relative=Fa
     print(result["certified"].mean())
     ```
     """
-    chain = dense_chain(model)
+    chain = structure.dense_chain(model)
     norm = validate_weight_norm(norm)
     radii = layer_radii(chain, epsilon, layers=layers, relative=relative, norm=norm)
     x = np.asarray(x)
@@ -479,7 +314,7 @@ def generalization_bound(model, x, y, epsilon, layers=None, relative=False, marg
         raise ValueError(f"margin must be a finite positive number ρ, got {margin!r}.")
     if not (isinstance(delta, (int, float)) and 0.0 < delta < 1.0):
         raise ValueError(f"delta must be in (0, 1), got {delta!r}.")
-    chain = dense_chain(model, method="The generalization bound")
+    chain = structure.dense_chain(model, method="The generalization bound")
     radii = layer_radii(chain, epsilon, layers=layers, relative=relative, norm="inf")
     x = np.asarray(x, np.float32)
     n = len(x)

@@ -1,4 +1,11 @@
-"""Model-level penalties, one module per family, behind one small interface (`Penalty`).
+"""Model-level penalties, grouped by mechanism, behind one small interface (`Penalty`).
+
+- `base`: the interface, penalty state (`PenaltyVariables`), random directions, the registry;
+- `apply`: `penalty_loss`, the functional entry point the training loop uses too;
+- weights only: `weissi` (WEISSI), `weight_decay` (L2/L1/Lp), `layerwise` (Yoshida & Miyato's bound);
+- Jacobian products: `logit_jacobian` (what they share), `jacobian_norms` (input gradient, Jacobian Frobenius,
+  cross-Lipschitz), `spectral` (the exact spectral norm and its monitor), `curvature` (CURE), `slope`;
+- weight perturbations: `weight_perturbation` (the margin-bound loss, SAM).
 
 `get` turns what a user writes in `compile(regularizers=[...])` into penalty objects:
 a `Penalty` instance, a registered config name (`"weissi"`, `"l2"`, …), a `(name, strength)` pair, a
@@ -7,19 +14,23 @@ a `Penalty` instance, a registered config name (`"weissi"`, `"l2"`, …), a `(na
 
 import keras
 
+from keras_wssi.penalties.apply import PenaltyLoss
+from keras_wssi.penalties.apply import penalty_loss
 from keras_wssi.penalties.base import REQUIREMENTS
 from keras_wssi.penalties.base import Penalty
 from keras_wssi.penalties.base import PenaltyContext
+from keras_wssi.penalties.base import PenaltyVariables
+from keras_wssi.penalties.base import RandomDirections
 from keras_wssi.penalties.base import register_alias
 from keras_wssi.penalties.base import register_penalty
 from keras_wssi.penalties.base import registered_penalties
 from keras_wssi.penalties.curvature import CURE
-from keras_wssi.penalties.jacobian import CrossLipschitz
-from keras_wssi.penalties.jacobian import InputGradient
-from keras_wssi.penalties.jacobian import JacobianFrobenius
-from keras_wssi.penalties.jacobian import JacobianSpectralNorm
-from keras_wssi.penalties.jacobian import JacobianSpectralNormError
-from keras_wssi.penalties.jacobian import LayerwiseSpectralNorm
+from keras_wssi.penalties.jacobian_norms import CrossLipschitz
+from keras_wssi.penalties.jacobian_norms import InputGradient
+from keras_wssi.penalties.jacobian_norms import JacobianFrobenius
+from keras_wssi.penalties.layerwise import LayerwiseSpectralNorm
+from keras_wssi.penalties.spectral import JacobianSpectralNorm
+from keras_wssi.penalties.spectral import JacobianSpectralNormError
 from keras_wssi.penalties.slope import SlopePenalty
 from keras_wssi.penalties.weight_decay import WeightDecay
 from keras_wssi.penalties.weight_perturbation import SharpnessAwareMinimization
@@ -37,6 +48,9 @@ __all__ = [
     "REQUIREMENTS",
     "Penalty",
     "PenaltyContext",
+    "PenaltyLoss",
+    "PenaltyVariables",
+    "RandomDirections",
     "SharpnessAwareMinimization",
     "SlopePenalty",
     "WEISSI",
@@ -44,6 +58,7 @@ __all__ = [
     "WeightPerturbationLoss",
     "deserialize",
     "get",
+    "penalty_loss",
     "register_alias",
     "register_penalty",
     "registered_penalties",

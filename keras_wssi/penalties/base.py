@@ -1,68 +1,189 @@
-"""The penalty interface shared by every family, and the context a penalty reads during a step.
+"""The penalty interface shared by every family, where its state lives, and the registry of names.
 
 A penalty is a small object: a non-negative `strength`, a `name` (also its metric name), `get_config`, and a
-declaration `requires` of what it reads. The training loop (`keras_wssi.Model`) adds
-`strength * penalty(context)` to the loss, logs `penalty(context)` as the metric `name`, and only pays for
-what some penalty requires: the input Jacobian machinery (a tape that watches the inputs) is set up only when
-a penalty lists `"input_jacobian"`.
+declaration `requires` of what it reads. The training loop (`keras_wssi.Model`, through
+`keras_wssi.penalty_loss`) adds `strength * penalty(context)` to the loss, logs `penalty(context)` as the metric
+`name`, and only pays for what some penalty requires: the input-Jacobian machinery is set up only when a
+penalty lists `"input_jacobian"`.
+
+**State is model state.** Everything a penalty keeps across steps — its strength, power-iteration and
+warm-start vectors, the counter of its random draws — is a Keras variable held by a `PenaltyVariables` layer.
+A `keras_wssi.Model` tracks that layer, so the variables are in `model.variables`, in `.keras` files, weight
+checkpoints and backups, restored on load and placed by the distribution strategy. The strength is read from
+its variable inside the compiled step, so changing `penalty.strength` (between or during `fit` calls, by a
+schedule callback or a tuner) takes effect without retracing.
 """
 
-import math
+import random
+import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
-from keras.src.losses import loss as keras_loss_module
 
-__all__ = ["Penalty", "PenaltyContext", "REQUIREMENTS", "register_alias", "register_penalty", "registered_penalties", "validate_strength"]
+from keras_wssi import backend
+from keras_wssi import validation
+from keras_wssi.context import PenaltyContext
+
+__all__ = [
+    "Penalty",
+    "PenaltyContext",
+    "PenaltyVariables",
+    "REQUIREMENTS",
+    "RandomDirections",
+    "register_alias",
+    "register_penalty",
+    "registered_penalties",
+]
 
 # What a penalty can declare in `requires`.
 REQUIREMENTS = frozenset({"weights", "inputs", "labels", "logits", "input_jacobian"})
 
 
-def validate_strength(strength, argument="strength"):
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise TypeError(f"{argument} must be a non-negative float, got {strength!r} ({type(strength).__name__}).")
-    strength = float(strength)
-    if not math.isfinite(strength) or strength < 0.0:
-        raise ValueError(f"{argument} must be a finite non-negative float, got {strength!r}.")
-    return strength
+class PenaltyVariables(keras.layers.Layer):
+    """The Keras variables of one penalty. It computes nothing: it exists so that a model tracks, saves,
+    restores and distributes the penalty's state like any layer's weights.
 
+    Variables are non-trainable and, under a distribution strategy, aggregated `only_first_replica` (every
+    replica reads the same value; the first replica's update is kept), as deel-lip keeps its power-iteration
+    vectors.
+    """
 
-def _validate_name(name):
-    if not isinstance(name, str) or not name or not name.replace("_", "").isalnum():
-        raise ValueError(
-            f"name must be a non-empty string of letters, digits and underscores (it is a metric name), got {name!r}."
-        )
-    return name
+    def __init__(self, name, **kwargs):
+        super().__init__(name=name, trainable=False, **kwargs)
+        self.built = True
+
+    def add_state(self, name, shape, initializer, dtype="float32"):
+        """A non-trainable variable of this penalty, created under the current distribution strategy."""
+        # A layer's state is locked once it is built (it is, from the start: it has no `build`); penalties create
+        # their state in their own `build(model)`, which may come later, so unlock for the duration, as Keras does
+        # in `Layer.quantize`.
+        self._tracker.unlock()
+        try:
+            return self.add_weight(
+                shape=shape, initializer=initializer, dtype=dtype, trainable=False, name=name,
+                aggregation="only_first_replica",
+            )
+        finally:
+            self._tracker.lock()
+
+    def load_own_variables(self, store):
+        # A file written before penalties kept state (or by a model compiled without this penalty) has none: the
+        # penalty then starts from its initial state, as it would in a new run, and says so.
+        if store is None or len(store) == 0:
+            if self.variables:
+                warnings.warn(
+                    f"No saved state for penalty {self.name!r} in the file being loaded: it starts from its initial "
+                    "state (strength from its config).",
+                    stacklevel=2,
+                )
+            return
+        super().load_own_variables(store)
+
+    def call(self, inputs):
+        raise TypeError("PenaltyVariables holds a penalty's state and is not called.")
 
 
 class Penalty:
     """Base class of model-level penalties.
 
-    Subclasses set `default_name` and `requires`, implement `call(context)` returning a float32 scalar
-    (the un-weighted value), and extend `get_config` with their own constructor arguments. State that must
-    persist across steps (power-iteration vectors, say) is created in `build(model)`, which the training
-    loop calls once, eagerly, before the first step is traced.
+    Subclasses set `default_name` and `requires`, implement `call(context)` returning a float32 scalar (the
+    un-weighted value), and extend `get_config` with their own constructor arguments. State that must persist
+    across steps is created in `build(model)` with `add_state`, which the training loop calls once, eagerly
+    and under the model's distribution strategy, before the first step is traced (or in the first traced step
+    for a subclassed model that is built there).
 
     Args:
-        strength: the non-negative weight λ of the penalty in the loss.
+        strength: the non-negative weight λ of the penalty in the loss. After the penalty is built it lives in
+            a variable: assigning `penalty.strength = value` takes effect in the next step, without retracing.
         name: the metric name under which the value is logged; defaults to the penalty's config name.
     """
 
     default_name = "penalty"
     requires = frozenset({"weights"})
+    # False for monitors whose value is only logged (their strength is always 0 and is not added to the loss).
+    trains = True
 
     def __init__(self, strength=1.0, name=None):
-        self.strength = validate_strength(strength)
-        self.name = _validate_name(name if name is not None else self.default_name)
+        self._strength = validation.strength(strength)
+        self.name = validation.metric_name(name if name is not None else self.default_name)
         self.built = False
+        self._state = None
+        self._strength_variable = None
+        self._model = None
         unknown = set(self.requires) - REQUIREMENTS
         if unknown:
             raise ValueError(f"{type(self).__name__}.requires has unknown entries {sorted(unknown)}.")
 
+    # ------------------------------------------------------------------------------------------------ strength
+
+    @property
+    def strength(self):
+        """λ, a Python float (read from its variable once the penalty is built)."""
+        if self._strength_variable is not None and tf.executing_eagerly():
+            value = float(keras.ops.convert_to_numpy(self._strength_variable))
+            # The variable is float32: report the value as given while it is unchanged (configs stay exact).
+            if value != float(np.float32(self._strength)):
+                self._strength = value
+        return self._strength
+
+    @strength.setter
+    def strength(self, value):
+        value = validation.strength(value)
+        if not self.trains and value != 0.0:
+            raise ValueError(f"{self.name}: the strength of a monitor must stay 0 (it only logs), got {value!r}.")
+        self._strength = value
+        if self._strength_variable is not None:
+            self._strength_variable.assign(value)
+
+    @property
+    def strength_variable(self):
+        """The variable the compiled step reads λ from (None before `build`)."""
+        return self._strength_variable
+
+    # --------------------------------------------------------------------------------------------------- state
+
+    @property
+    def state(self):
+        """The `PenaltyVariables` layer holding this penalty's variables (created on first use)."""
+        if self._state is None:
+            self._state = PenaltyVariables(name=self.name)
+        return self._state
+
+    @property
+    def variables(self):
+        """Every variable of the penalty (its strength first)."""
+        return list(self._state.variables) if self._state is not None else []
+
+    def add_state(self, name, shape, initializer="zeros", dtype="float32"):
+        """Creates a non-trainable variable of this penalty (see `PenaltyVariables`)."""
+        if callable(initializer) and not isinstance(initializer, keras.initializers.Initializer):
+            function = initializer
+            initializer = lambda shape, dtype=None: function(shape, dtype)  # noqa: E731
+        elif isinstance(initializer, np.ndarray):
+            value = initializer
+            initializer = lambda shape, dtype=None: tf.constant(value, dtype=dtype)  # noqa: E731
+        return self.state.add_state(name, shape, initializer, dtype=dtype)
+
     def build(self, model):
-        """Reads what the penalty needs from `model` (already built) and creates its state."""
+        """Reads what the penalty needs from `model` (already built) and creates its state. Subclasses create
+        their own state, then call `super().build(model)`."""
+        if self._strength_variable is None:
+            value = self._strength
+            self._strength_variable = self.add_state(
+                "strength", (), lambda shape, dtype=None: tf.constant(value, dtype=dtype or "float32")
+            )
+        self._model = model
         self.built = True
+
+    def check_model(self, model):
+        """Raises if this penalty was built for another model (its state reads that model's weights)."""
+        if self.built and self._model is not None and model is not None and self._model is not model:
+            raise ValueError(
+                f"Penalty {self.name!r} was built for model {self._model.name!r} and cannot also regularize "
+                f"{model.name!r}: its state belongs to the first model. Use a new penalty, e.g. "
+                f"`type(penalty).from_config(penalty.get_config())`."
+            )
 
     def call(self, context):
         raise NotImplementedError(f"{type(self).__name__} must implement call(context).")
@@ -84,101 +205,38 @@ class Penalty:
         return f"{type(self).__name__}({arguments})"
 
 
-class PenaltyContext:
-    """What a penalty may read during one step.
+class RandomDirections(Penalty):
+    """A penalty that draws random vectors every step: a counter-based (Philox) draw from a seed kept in a
+    variable, so draws compile under XLA without retracing and a resumed run continues the same sequence.
 
-    Attributes:
-        model: the model being trained (a `keras.Model`).
-        x: the input batch, as fed to the model.
-        y: the targets (may be None).
-        sample_weight: per-example weights (may be None).
-        logits: the model's output on `x`, cast to float32.
-        training: whether this is a training step.
+    Under a distribution strategy each replica draws its own vectors (the replica index is folded into the
+    seed); the counter advances once per step.
+
+    Args:
+        seed: an int, or None for a seed drawn from Python's `random` (deterministic under
+            `keras.utils.set_random_seed`).
     """
 
-    def __init__(self, model, x, y, sample_weight, logits, training, input_tape=None):
-        self.model = model
-        self.x = x
-        self.y = y
-        self.sample_weight = sample_weight
-        self.logits = tf.cast(logits, tf.float32) if logits is not None else None
-        self._raw_logits = logits
-        self.training = training
-        self._input_tape = input_tape
+    def __init__(self, seed=None, **kwargs):
+        self.seed = validation.optional_seed(seed)
+        self._seed_state = None
+        super().__init__(**kwargs)
 
-    @property
-    def batch_size(self):
-        return tf.shape(self.logits)[0]
-
-    def _require_jacobian(self):
-        if self._input_tape is None:
-            raise ValueError(
-                "This penalty uses input-Jacobian products but does not declare 'input_jacobian' in its "
-                "`requires`; the training loop only watches the inputs for penalties that ask for it."
+    def build(self, model):
+        if self._seed_state is None:
+            seed = self.seed if self.seed is not None else random.randint(1, 2**31 - 1)
+            self._seed_state = self.add_state(
+                "seed", (2,), lambda shape, dtype=None: tf.constant([seed, 0], dtype=dtype or "int64"), dtype="int64"
             )
-        if not tf.is_tensor(self.x):
-            raise ValueError(
-                "Input-Jacobian penalties need a model with a single tensor input; got inputs of type "
-                f"{type(self.x).__name__}."
-            )
+        super().build(model)
 
-    def vjp(self, cotangent):
-        """Per-example vector-Jacobian product `cᵀ J` with `J = ∂logits/∂x`.
-
-        Args:
-            cotangent: `(batch, C)` tensor, one vector per example.
-
-        Returns:
-            A tensor shaped like `x`: row `i` is `c_iᵀ J(x_i)`. It is differentiable with respect to the
-            weights (double backprop), and reuses the forward pass of the step: no extra forward.
-        """
-        self._require_jacobian()
-        cotangent = tf.cast(cotangent, self._raw_logits.dtype)
-        result = self._input_tape.gradient(self._raw_logits, self.x, output_gradients=cotangent)
-        return tf.cast(result, tf.float32)
-
-    def jvp(self, tangent):
-        """Per-example Jacobian-vector product `J u`, written as the VJP of a VJP.
-
-        A forward-mode accumulator is avoided on purpose: differentiating it with the weight tape makes
-        XLA recompile every step (DESIGN.md §3). `u` must be shaped like `x`; returns `(batch, C)`.
-        """
-        self._require_jacobian()
-        tangent = tf.cast(tangent, self.x.dtype)
-        dummy = tf.zeros_like(self._raw_logits)
-        with tf.GradientTape(watch_accessed_variables=False) as outer:
-            outer.watch(dummy)
-            transposed = self._input_tape.gradient(self._raw_logits, self.x, output_gradients=dummy)
-        result = outer.gradient(transposed, dummy, output_gradients=tangent)
-        return tf.cast(result, tf.float32)
-
-    def forward(self, x, training=None):
-        """Runs the model on other inputs (for penalties that probe nearby points), logits as float32."""
-        if training is None:
-            training = self.training
-        return tf.cast(self.model(x, training=training), tf.float32)
-
-    def compiled_loss(self, y_pred):
-        """The loss given to `compile` (without `model.losses`) of predictions `y_pred` against this step's
-        targets and sample weights, as a float32 scalar. Lets a penalty evaluate the training loss at other
-        weights (e.g. sharpness-aware minimization) with the loss the user chose."""
-        compiled = getattr(self.model, "_compile_loss", None)
-        if compiled is None:
-            raise ValueError("This penalty needs the compiled loss: pass `loss=` to `model.compile`.")
-        # Keras scales the compiled loss by 1/replicas under tf.distribute; penalties are scaled once, by the
-        # training loop, so return the per-replica loss unscaled.
-        loss = keras_loss_module.unscale_loss_for_distribution(compiled(self.y, y_pred, self.sample_weight))
-        return tf.cast(loss, tf.float32)
-
-    def reduce_per_example(self, values):
-        """Mean of per-example values, weighted by `sample_weight` when one is given."""
-        values = tf.cast(values, tf.float32)
-        if self.sample_weight is None:
-            return tf.reduce_mean(values)
-        weights = tf.cast(tf.reshape(self.sample_weight, [-1]), tf.float32)
-        values = tf.reshape(values, [-1])
-        return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
-
+    def normal(self, shape):
+        """Standard normal draws of `shape` for this step (advances the counter)."""
+        counter = self._seed_state.value
+        seed = counter + tf.stack([tf.constant(0, tf.int64), tf.cast(backend.replica_id(), tf.int64) * (2**32)])
+        draw = backend.stateless_normal(shape, seed)
+        self._seed_state.assign(counter + tf.constant([0, 1], tf.int64))
+        return draw
 
 
 # Config name → (penalty class, default constructor arguments). Filled by `register_penalty`/`register_alias`.

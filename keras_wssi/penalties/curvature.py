@@ -9,13 +9,12 @@ arXiv 2007.02209), so CURE is a Jacobian penalty weighted by the softmax covaria
 import tensorflow as tf
 
 from keras_wssi import linalg
+from keras_wssi import validation
 from keras_wssi.penalties.base import register_penalty
-from keras_wssi.penalties.jacobian import LOSSES
-from keras_wssi.penalties.jacobian import _LogitJacobianPenalty
-from keras_wssi.penalties.jacobian import _validate_choice
-from keras_wssi.penalties.jacobian import _validate_positive_float
-from keras_wssi.penalties.jacobian import checked_logits
-from keras_wssi.penalties.jacobian import loss_cotangent
+from keras_wssi.penalties.logit_jacobian import LOSSES
+from keras_wssi.penalties.logit_jacobian import LogitJacobianPenalty
+from keras_wssi.penalties.logit_jacobian import checked_logits
+from keras_wssi.penalties.logit_jacobian import loss_cotangent
 
 __all__ = ["CURE", "curvature_direction"]
 
@@ -29,7 +28,7 @@ def curvature_direction(gradients, epsilon=1e-12):
 
 
 @register_penalty("cure")
-class CURE(_LogitJacobianPenalty):
+class CURE(LogitJacobianPenalty):
     """CURE: `||∇_x ℓ(x + h z) − ∇_x ℓ(x)||^power`, batch mean, `z` the normalized sign of `∇_x ℓ(x)`.
 
     Moosavi-Dezfooli et al., "Robustness via Curvature Regularization, and Vice Versa" (CVPR 2019). The
@@ -64,13 +63,11 @@ class CURE(_LogitJacobianPenalty):
     default_name = "cure"
 
     def __init__(self, strength=4.0, h=0.5, power=1.0, loss="cross_entropy", inference_probes=False, epsilon=1e-12, name=None):
-        self.h = _validate_positive_float(h, "h")
-        self.power = _validate_positive_float(power, "power")
-        self.loss = _validate_choice(loss, LOSSES, "loss")
-        if not isinstance(inference_probes, bool):
-            raise TypeError(f"inference_probes must be True or False, got {inference_probes!r}.")
-        self.inference_probes = inference_probes
-        self.epsilon = _validate_positive_float(epsilon, "epsilon")
+        self.h = validation.positive_float(h, "h")
+        self.power = validation.positive_float(power, "power")
+        self.loss = validation.choice(loss, LOSSES, "loss")
+        self.inference_probes = validation.boolean(inference_probes, "inference_probes")
+        self.epsilon = validation.positive_float(epsilon, "epsilon")
         super().__init__(strength=strength, name=name)
 
     def _gradient_at(self, context, x, training):

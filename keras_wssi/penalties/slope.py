@@ -8,9 +8,7 @@ import tensorflow as tf
 
 from keras_wssi import linalg
 from keras_wssi import structure
-from keras_wssi.analysis.slope import local_jacobian
-from keras_wssi.analysis.slope import top_singular_value_squared
-from keras_wssi.analysis.weight_perturbation import dense_chain
+from keras_wssi import validation
 from keras_wssi.penalties.base import Penalty
 from keras_wssi.penalties.base import register_penalty
 
@@ -25,7 +23,8 @@ class SlopePenalty(Penalty):
 
     - `method="exact"` (Dense chains with elementwise activations): the Jacobian `W_L D_{L-1} … D_1 W_1` is
       formed from one extra forward pass of the chain, and `σ_max²` is `||vᵀ J||²` with `v` the top
-      eigenvector of `J Jᵀ` (C×C) held constant (envelope theorem: the gradient is exact).
+      eigenvector of `J Jᵀ` (C×C) held constant (envelope theorem: the gradient is exact), both from
+      `keras_wssi.linalg` (`dense_chain_jacobian`, `spectral_norm_squared`: no eigen-solver in the step).
     - `method="power_iteration"` (any model with one tensor input): `iterations` rounds of power iteration on
       `J Jᵀ` from the step's own forward pass (VJPs and VJP-of-VJP JVPs), then `σ² = ||vᵀ J||²`; a lower
       estimate of σ_max² that is exact at convergence.
@@ -51,15 +50,11 @@ class SlopePenalty(Penalty):
     default_name = "slope"
 
     def __init__(self, strength=1e-3, power=2, method="auto", iterations=3, name=None):
-        if power not in (1, 2) or isinstance(power, bool):
+        if isinstance(power, bool) or power not in (1, 2):
             raise ValueError(f"power must be 1 or 2, got {power!r}.")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
         self.power = int(power)
-        self.method = method
-        self.iterations = iterations
+        self.method = validation.choice(method, METHODS, "method")
+        self.iterations = validation.positive_int(iterations, "iterations")
         # "auto" is resolved in build(); until then assume the general path (which needs the input tape).
         self.requires = frozenset({"weights", "inputs"} | ({"input_jacobian"} if method != "exact" else set()))
         self._resolved = None
@@ -69,7 +64,7 @@ class SlopePenalty(Penalty):
         self._chain = None
         if self.method in ("auto", "exact"):
             try:
-                self._chain = dense_chain(model, method=f"The exact slope penalty {self.name!r}")
+                self._chain = structure.dense_chain(model, method=f"The exact slope penalty {self.name!r}")
             except structure.StructureError:
                 if self.method == "exact":
                     raise
@@ -79,8 +74,11 @@ class SlopePenalty(Penalty):
 
     def call(self, context):
         if self._resolved == "exact":
-            jacobian = local_jacobian(self._chain, context.x)
-            sigma_squared = top_singular_value_squared(jacobian)
+            chain = self._chain
+            jacobian = linalg.dense_chain_jacobian(
+                chain.kernels, [layer.bias for layer in chain.layers], chain.activations, context.x
+            )
+            _, sigma_squared = linalg.spectral_norm_squared(jacobian)
         else:
             num_classes = context.logits.shape[-1]
             start = tf.ones([context.batch_size, num_classes], tf.float32) + tf.range(num_classes, dtype=tf.float32)[None] * 0.1

@@ -7,14 +7,14 @@ unchanged. Weight decay is not invariant under it; the penalties here are, becau
 weights only through `∏_l ||W_l||`, which upper-bounds the input-gradient norm `||J||_2` of a ReLU network.
 """
 
-import math
 import warnings
 
-import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_wssi import linalg
 from keras_wssi import structure
+from keras_wssi import validation
 from keras_wssi.penalties.base import Penalty
 from keras_wssi.penalties.base import register_alias
 from keras_wssi.penalties.base import register_penalty
@@ -79,23 +79,16 @@ class WEISSI(Penalty):
         power_iterations=1,
         name=None,
     ):
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}.")
+        validation.choice(form, FORMS, "form")
         if residual not in ("auto", True, False):
             raise ValueError(f"residual must be 'auto', True or False, got {residual!r}.")
         if residual is True and form == "geometric_mean":
             raise ValueError("residual=True is defined for form='log_product' and 'product', not 'geometric_mean'.")
-        if isinstance(direction_weight, bool) or not isinstance(direction_weight, (int, float)) or not (
-            math.isfinite(direction_weight) and direction_weight >= 0
-        ):
-            raise ValueError(f"direction_weight must be a finite non-negative number, got {direction_weight!r}.")
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-            raise ValueError(f"epsilon must be a positive number, got {epsilon!r}.")
-        if isinstance(power_iterations, bool) or not isinstance(power_iterations, int) or power_iterations < 1:
-            raise ValueError(f"power_iterations must be an integer >= 1, got {power_iterations!r}.")
         self.form = form
         self.norm = linalg.validate_norm(norm)
-        self.direction_weight = float(direction_weight)
+        self.direction_weight = validation.non_negative_float(direction_weight, "direction_weight")
+        epsilon = validation.positive_float(epsilon, "epsilon")
+        power_iterations = validation.positive_int(power_iterations, "power_iterations")
         self.residual = residual
         self.exclude_normalized = bool(exclude_normalized)
         self.epsilon = float(epsilon)
@@ -135,17 +128,10 @@ class WEISSI(Penalty):
                 vector_index = None
                 if self.norm == "spectral":
                     batch, fan_in = linalg.kernel_matrices(kernel, kind).shape[:2]
-                    initial = tf.math.l2_normalize(
-                        tf.random.stateless_normal([batch, fan_in], seed=[len(self._start_vectors), 17]), axis=-1
-                    )
-                    self._start_vectors.append(
-                        keras.Variable(
-                            initial,
-                            trainable=False,
-                            name=f"{self.name}_u_{len(self._start_vectors)}",
-                            aggregation="only_first_replica",
-                        )
-                    )
+                    # NumPy, so the state can also be created inside the first traced step (subclassed models).
+                    initial = np.random.default_rng([len(self._start_vectors), 17]).standard_normal([batch, fan_in])
+                    initial = (initial / np.linalg.norm(initial, axis=-1, keepdims=True)).astype(np.float32)
+                    self._start_vectors.append(self.add_state(f"u_{len(self._start_vectors)}", (batch, fan_in), initial))
                     vector_index = len(self._start_vectors) - 1
                 index_of_layer[id(weight_layer.layer)].append(len(self._kernels))
                 self._kernels.append((kernel, kind, vector_index))
