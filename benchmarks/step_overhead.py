@@ -275,6 +275,78 @@ def xla_ratios(case_names, images, labels, batch_size, steps, rounds):
             results[f"{architecture}/{name}"] = {"no_xla_ms": no_xla_ms, "xla_ms": xla_ms, "ratio": xla_ms / no_xla_ms}
             print(f"{architecture:4s} {name:46s} no XLA {no_xla_ms:8.2f} ms  XLA {xla_ms:8.2f} ms  "
                   f"XLA/no-XLA {xla_ms / no_xla_ms:5.2f}x", flush=True)
+
+
+# ---- The library's step against a hand-written XLA step of the same math -------------------------------------------
+flags.DEFINE_enum(
+    "handwritten", "also", ["also", "only", "skip"],
+    "Compare keras_wssi.Model's compiled train step with a hand-written XLA train step of the same math (plain, "
+    "input_gradient, jacobian_frobenius with one projection) on the MLP, interleaved in one process: 'also' (after the "
+    "timings), 'only', or 'skip'.",
+)
+HANDWRITTEN_CASES = ("plain", "input_gradient", "jacobian_frobenius")
+
+
+def _handwritten_step(model, case, dataset):
+    """A train step written by hand with two GradientTapes: the same forward pass, loss, penalty and SGD update as
+    the library's, no metrics, compiled with XLA; the batch is pulled from the iterator outside XLA, as Keras does."""
+    optimizer = keras.optimizers.SGD(0.01)
+    optimizer.build(model.trainable_variables)
+    counter = tf.Variable([7, 0], dtype=tf.int64, trainable=False)
+    strength = {"input_gradient": 0.1, "jacobian_frobenius": 0.01}.get(case)
+
+    @tf.function(jit_compile=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            with tf.GradientTape(watch_accessed_variables=False) as input_tape:
+                input_tape.watch(x)
+                logits = model(x, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+            if case == "input_gradient":
+                cotangent = tf.nn.softmax(logits) - tf.one_hot(y, 10)
+                rows = input_tape.gradient(logits, x, output_gradients=cotangent)
+                loss += strength * tf.reduce_mean(tf.reduce_sum(tf.square(tf.reshape(rows, [tf.shape(x)[0], -1])), -1))
+            elif case == "jacobian_frobenius":
+                draw = tf.random.stateless_normal(tf.shape(logits), seed=counter, alg="philox")
+                counter.assign_add([0, 1])
+                directions = draw / tf.norm(draw, axis=-1, keepdims=True)
+                rows = input_tape.gradient(logits, x, output_gradients=directions)
+                value = 0.5 * 10.0 * tf.reduce_mean(tf.reduce_sum(tf.square(tf.reshape(rows, [tf.shape(x)[0], -1])), -1))
+                loss += strength * value
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        return loss
+
+    iterator = iter(dataset)
+
+    @tf.function
+    def train_function():
+        x, y = next(iterator)
+        return step(x, tf.cast(y, tf.int32))
+
+    return train_function
+
+
+def handwritten_comparison(images, labels, batch_size, steps, rounds):
+    """Prints library step / hand-written step for each case, both measured in interleaved rounds."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True).repeat()
+    results = {}
+    for case in HANDWRITTEN_CASES:
+        penalties = {"plain": [], "input_gradient": [P.InputGradient(0.1)],
+                     "jacobian_frobenius": [P.JacobianFrobenius(0.01, num_projections=1)]}[case]
+        library = _step_function(_compiled_model("mlp", penalties, True), dataset)
+        keras.utils.set_random_seed(0)
+        handwritten = _handwritten_step(_build("mlp"), case, dataset)
+        _time_round(library, 3)
+        _time_round(handwritten, 3)
+        library_times, handwritten_times = [], []
+        for _ in range(rounds):
+            library_times.append(_time_round(library, steps))
+            handwritten_times.append(_time_round(handwritten, steps))
+        library_ms, handwritten_ms = 1e3 * min(library_times), 1e3 * min(handwritten_times)
+        results[case] = {"library_ms": library_ms, "handwritten_ms": handwritten_ms, "ratio": library_ms / handwritten_ms}
+        print(f"mlp  jit=True  library vs hand-written {case:22s} library {library_ms:8.2f} ms  hand-written "
+              f"{handwritten_ms:8.2f} ms  ratio {library_ms / handwritten_ms:5.3f}x", flush=True)
     return results
 
 
@@ -291,8 +363,13 @@ def main(argv):
                 json.dump(results, handle, indent=2)
         return
     case_names = FLAGS.cases or list(PENALTY_CASES)
-    if FLAGS.spectral_error != "only":
+    if FLAGS.spectral_error != "only" and FLAGS.handwritten != "only":
         run_timings(case_names)
+    if FLAGS.handwritten != "skip":
+        images, labels = _images_and_labels(FLAGS.batch_size, FLAGS.steps)
+        handwritten_comparison(images, labels, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds)
+    if FLAGS.handwritten == "only":
+        return
     if FLAGS.spectral_error != "skip":
         names = [n for n in case_names if n.startswith("jacobian_spectral_norm")]
         spectral_error_report(names, resolve_data_dir(FLAGS.data_dir), FLAGS.spectral_error_examples, FLAGS.spectral_error_epochs)

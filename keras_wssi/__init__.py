@@ -29,8 +29,8 @@ from keras_wssi.models import Model
 from keras_wssi.models import WrappedModel
 from keras_wssi.models import wrap
 from keras_wssi.penalties import penalty_loss
+from keras_wssi.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "FunctionalModel",

@@ -15,15 +15,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_wssi import validation
 from keras_wssi.analysis.slope import slope as measure_slope
 
 __all__ = [
     "AtomicBackupAndRestore",
     "AtomicWeightsCheckpoint",
+    "PenaltyStrengthScheduler",
     "SetPipelineEpoch",
     "SlopeEarlyStopping",
     "SlopeLogger",
     "TerminateOnNonFinite",
+    "linear_warmup",
 ]
 
 _STATISTICS = ("mean", "median", "q10", "q90")
@@ -340,3 +343,65 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
             f"Training stopped at epoch {step[0] + 1}, batch {step[1] + 1}: {culprit}. The weights of this "
             "batch are not saved."
         )
+
+
+# ------------------------------------------------------------------------------------------ strength schedules
+
+
+def linear_warmup(strength, epochs):
+    """A schedule for `PenaltyStrengthScheduler`: `strength · min(1, (epoch + 1) / epochs)`.
+
+    Warming a Jacobian penalty up over the first epochs is common practice (a full-strength penalty on an
+    untrained network mostly flattens it before it fits the data).
+    """
+    strength = validation.strength(strength)
+    epochs = validation.positive_int(epochs, "epochs")
+    return lambda epoch, current: strength * min(1.0, (epoch + 1) / epochs)
+
+
+class PenaltyStrengthScheduler(keras.callbacks.Callback):
+    """Sets a penalty's strength at the start of every epoch, like `keras.callbacks.LearningRateScheduler`.
+
+    A penalty's strength is a variable the compiled step reads, so the new value takes effect at once, without
+    retracing. The strength in use is logged as `<name>_strength` (History, progress bar, TensorBoard).
+
+    Args:
+        penalty: the name of one of the model's compiled penalties.
+        schedule: `schedule(epoch, current_strength) -> strength` (0-based epoch), e.g. `linear_warmup(0.1, 5)`.
+
+    Example:
+
+    ```python
+    model.compile("adam", loss, regularizers=["input_gradient:0"])
+    model.fit(x, y, epochs=10, callbacks=[
+        keras_wssi.callbacks.PenaltyStrengthScheduler("input_gradient", keras_wssi.callbacks.linear_warmup(0.1, 5))])
+    ```
+    """
+
+    def __init__(self, penalty, schedule):
+        super().__init__()
+        if not isinstance(penalty, str):
+            raise TypeError(f"penalty must be the name of a compiled penalty (a str), got {penalty!r}.")
+        if not callable(schedule):
+            raise TypeError(f"schedule must be callable as schedule(epoch, strength), got {schedule!r}.")
+        self.penalty_name = penalty
+        self.schedule = schedule
+
+    def _penalty(self):
+        for penalty in getattr(self.model, "penalties", []):
+            if penalty.name == self.penalty_name:
+                return penalty
+        names = [p.name for p in getattr(self.model, "penalties", [])]
+        raise ValueError(f"PenaltyStrengthScheduler: the model has no penalty named {self.penalty_name!r}; it has {names}.")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        penalty = self._penalty()
+        value = self.schedule(epoch, penalty.strength)
+        try:
+            penalty.strength = value
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"PenaltyStrengthScheduler: schedule({epoch}, ...) returned an invalid strength: {error}") from None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs[f"{self.penalty_name}_strength"] = self._penalty().strength

@@ -22,6 +22,7 @@ class PenaltyContext:
         y: the targets (may be None).
         sample_weight: per-example weights (may be None).
         logits: the model's output on `x`, cast to float32.
+        y_pred: the same output in the model's own dtype.
         training: whether this is a training step (stateful penalties update their state only then).
 
     Args:
@@ -36,6 +37,8 @@ class PenaltyContext:
         self.y = y
         self.sample_weight = sample_weight
         self.logits = tf.cast(logits, tf.float32) if logits is not None else None
+        # The output as the model produced it (e.g. float16 under mixed precision).
+        self.y_pred = self._raw_logits = logits
         self.training = training
         if input_jacobian is None and input_tape is not None:
             input_jacobian = backend.InputJacobian(input_tape, x, logits)

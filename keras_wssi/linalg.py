@@ -4,6 +4,7 @@ Tensors in, tensors out; nothing here knows about Keras models. Every norm is gu
 and gradient stay finite at zero (the gradient of `sqrt` at 0 is infinite, DESIGN.md §3).
 """
 
+import numpy as np
 import tensorflow as tf
 
 from keras_wssi import validation
@@ -22,6 +23,7 @@ __all__ = [
     "matrix_norm",
     "per_example_jacobian",
     "power_iteration",
+    "random_unit_rows",
     "safe_norm",
     "spectral_norm_squared",
     "top_eigenvector",
@@ -83,6 +85,18 @@ def kernel_matrices(kernel, kind="dense"):
         matrices = tf.reshape(kernel, [spatial, channels, multiplier])
         return tf.transpose(matrices, [1, 0, 2])
     return tf.reshape(kernel, [1, -1, kernel.shape[-1]])
+
+
+def random_unit_rows(shape, seed):
+    """The one way keras_wssi makes power-iteration start vectors: Gaussian draws of `shape` (NumPy, float32),
+    each row normalized (a row is `x[i]` flattened over all but the first axis).
+
+    NumPy, so a penalty can create its state also inside the first traced step (subclassed models); `seed` is
+    anything `numpy.random.default_rng` accepts (e.g. `[index, tag]`), so runs agree without a global seed.
+    """
+    draw = np.random.default_rng(seed).standard_normal(shape)
+    norms = np.linalg.norm(draw.reshape(shape[0], -1), axis=-1).reshape((-1,) + (1,) * (len(shape) - 1))
+    return (draw / np.maximum(norms, 1e-30)).astype(np.float32)
 
 
 def power_iteration(matrices, u, iterations=1, epsilon=1e-12):

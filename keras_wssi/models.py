@@ -9,9 +9,10 @@ on is kept: the step goes through `compute_loss` (so layer regularizers in `mode
 
 import keras
 import tensorflow as tf
+# No public alternative: `Functional` is the base class a functional subclass must have (Keras itself injects it
+# into `keras.Model(inputs, outputs)`), and `functional_from_config` rebuilds such a subclass from its config.
 from keras.src.models.functional import Functional
 from keras.src.models.functional import functional_from_config
-from keras.src.models.model import functional_init_arguments
 
 from keras_wssi import backend
 from keras_wssi import penalties as penalties_module
@@ -44,6 +45,18 @@ def _metric_names(metrics):
         elif getattr(metric, "__name__", None):
             names.add(metric.__name__)
     return names
+
+
+# Keras cannot import a third-party package while loading a `.keras` file: a fresh process must `import keras_wssi`
+# before `keras.models.load_model`. Keras's "Could not locate class" error prints the object's config, and this note
+# is the config's first entry, so the error says exactly what to do.
+LOAD_NOTE_KEY = "keras_wssi"
+LOAD_NOTE = "saved by keras_wssi: run `import keras_wssi` before keras.models.load_model"
+
+
+def functional_init_arguments(args, kwargs):
+    """Whether `Model(*args, **kwargs)` asks for a functional model (inputs and outputs), as Keras decides it."""
+    return (len(args) == 2) or (len(args) == 1 and "outputs" in kwargs) or ("inputs" in kwargs and "outputs" in kwargs)
 
 
 class _PenaltySet:
@@ -269,8 +282,12 @@ class Model(keras.Model):
 class FunctionalModel(Model, Functional):
     """The functional form of `keras_wssi.Model` (what `keras_wssi.Model(inputs, outputs)` returns)."""
 
+    def get_config(self):
+        return {LOAD_NOTE_KEY: LOAD_NOTE, **super().get_config()}
+
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        config = {key: value for key, value in config.items() if key != LOAD_NOTE_KEY}
         return functional_from_config(cls, config, custom_objects=custom_objects)
 
 
@@ -299,11 +316,11 @@ class WrappedModel(Model):
         return self.wrapped(inputs, training=training)
 
     def get_config(self):
-        return {"model": keras.saving.serialize_keras_object(self.wrapped), "name": self.name}
+        return {LOAD_NOTE_KEY: LOAD_NOTE, "model": keras.saving.serialize_keras_object(self.wrapped), "name": self.name}
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = {key: value for key, value in config.items() if key != LOAD_NOTE_KEY}
         return cls(keras.saving.deserialize_keras_object(config.pop("model")), **config)
 
 

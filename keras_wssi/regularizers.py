@@ -148,11 +148,8 @@ class SpectralNormRegularizer(keras.Regularizer):
         if state is None:
             # Lifted to the eager context: the first call may happen while Keras traces the train step.
             with tf.init_scope():
-                initial = tf.random.stateless_normal(shape, seed=[len(self._states), 31])
-                initial = initial / tf.norm(tf.reshape(initial, [shape[0], -1]), axis=-1)[
-                    (slice(None),) + (tf.newaxis,) * (len(shape) - 1)
-                ]
-                state = tf.Variable(initial, trainable=False, name="spectral_norm_u")
+                initial = linalg.random_unit_rows(shape, [len(self._states), 31])
+                state = keras.Variable(initial, trainable=False, name="spectral_norm_u")
             self._states[key] = state
         return state
 

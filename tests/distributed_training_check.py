@@ -44,7 +44,8 @@ def _run(strategy, name, x, y):
             jit_compile=False,  # XLA cannot compile across a MirroredStrategy's devices (DESIGN.md §3).
         )
     history = model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
-    return model.get_weights(), history.history
+    # Trainable weights: penalty state (e.g. warm-start vectors, updated from replica 0) is compared through them.
+    return [v.numpy() for v in model.trainable_variables], history.history
 
 
 def main(names):

@@ -73,7 +73,7 @@ def _train(policy, name):
         x = rng.random((32, 6, 6, 1)).astype("float32")
         y = rng.integers(0, 10, 32)
         history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
-        return [w.astype(np.float32) for w in model.get_weights()], history
+        return [np.asarray(v, np.float32) for v in model.trainable_variables], history
     finally:
         keras.config.set_dtype_policy("float32")
 

@@ -13,14 +13,20 @@ sys.path.insert(0, REPO_ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 MODULES = [
+    "keras_wssi",
     "keras_wssi.models",
     "keras_wssi.penalties",
     "keras_wssi.regularizers",
     "keras_wssi.callbacks",
     "keras_wssi.analysis",
     "keras_wssi.evaluation",
+    "keras_wssi.experiments",
     "keras_wssi.structure",
+    "keras_wssi.context",
+    "keras_wssi.backend",
     "keras_wssi.linalg",
+    "keras_wssi.labels",
+    "keras_wssi.validation",
     "keras_wssi.data",
     "keras_wssi.architectures",
     "keras_wssi.xla",

@@ -21,3 +21,22 @@ from keras_wssi.analysis.weight_perturbation import certified_accuracy
 from keras_wssi.analysis.weight_perturbation import certified_margins
 from keras_wssi.analysis.weight_perturbation import generalization_bound
 from keras_wssi.analysis.weight_perturbation import margin_change_bounds
+
+__all__ = [
+    "centered_jacobian",
+    "certified_accuracy",
+    "certified_margins",
+    "generalization_bound",
+    "input_gradient_bound",
+    "input_jacobian",
+    "input_jacobian_spectral_norms",
+    "jacobian_identities",
+    "jacobian_penalty_report",
+    "jacobian_spectral_norm_estimates",
+    "layer_operator_norm_bounds",
+    "layerwise_spectral_norms",
+    "margin_change_bounds",
+    "scale_shift",
+    "slope",
+    "slope_distribution",
+]

@@ -28,6 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_wssi import structure
+
 __all__ = [
     "ATTACKS",
     "Attack",
@@ -416,8 +418,6 @@ def logits_function(model, sample=None, recover_logits=False):
         raise EvaluationError(f"model must be a callable Keras model, got {type(model).__name__}.")
     activation = None
     try:
-        from keras_wssi import structure
-
         activation = structure.output_activation(model)
     except Exception:  # Subclassed models have no graph to read; the numerical check below still runs.
         activation = None

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from keras_wssi.evaluation.attacks import EvaluationError
+from keras_wssi.version import __version__
 
 __all__ = ["Report", "load_report"]
 
@@ -127,12 +128,10 @@ class Report:
 
     def to_dict(self):
         """The whole report as a JSON-ready dict."""
-        import keras_wssi
-
         return {
             "title": self.title,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "keras_wssi_version": keras_wssi.__version__,
+            "keras_wssi_version": __version__,
             "settings": _jsonable(self.settings, "settings"),
             "models": self.models,
         }

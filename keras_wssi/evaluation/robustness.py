@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from keras_wssi.analysis import jacobian as analysis_jacobian
+from keras_wssi.analysis.slope import spectral_norm_from_jacobian
 from keras_wssi.evaluation import attacks as attacks_module
 from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.evaluation.noise import noise_accuracy
@@ -42,8 +43,7 @@ def load_model(path):
     """
     import keras
 
-    import keras_wssi  # noqa: F401  (registers the keras_wssi serializables)
-
+    # keras_wssi's model classes are registered by now: importing this module imported the keras_wssi package.
     if not isinstance(path, str) or not path.endswith(".keras"):
         raise EvaluationError(f"model path must be a .keras file, got {path!r}.")
     if not os.path.isfile(path):
@@ -65,7 +65,8 @@ def load_model(path):
 def jacobian_statistics(model, images, batch_size=64):
     """Per-example statistics of the logit Jacobian `J = ∂z/∂x`: σ_max (`||J||_2`) and `||J||_F`.
 
-    Uses the full per-example Jacobian of `keras_wssi.analysis.input_jacobian` and an exact SVD per example.
+    Uses the full per-example Jacobian of `keras_wssi.analysis.input_jacobian` and the package's one per-example
+    spectral norm (`keras_wssi.linalg.spectral_norm_squared`, in float64).
 
     Args:
         model: a Keras classifier outputting logits.
@@ -86,10 +87,10 @@ def jacobian_statistics(model, images, batch_size=64):
     images = np.asarray(images, dtype=np.float32)
     if len(images) == 0:
         raise EvaluationError("jacobian_statistics needs at least one example, got an empty array.")
-    source = "keras_wssi.analysis.input_jacobian + numpy SVD"
+    source = "keras_wssi.analysis.input_jacobian + keras_wssi.analysis.slope's spectral norm (float64)"
     jacobians = analysis_jacobian.input_jacobian(model, images, batch_size=batch_size)
     jacobians = jacobians.reshape(jacobians.shape[0], jacobians.shape[1], -1)
-    spectral = np.linalg.norm(jacobians, ord=2, axis=(1, 2))
+    spectral = spectral_norm_from_jacobian(jacobians)
     frobenius = np.sqrt(np.square(jacobians).sum(axis=(1, 2)))
     statistics = {"examples": len(images), "source": source}
     for key, values in (("spectral_norm", spectral), ("frobenius_norm", frobenius)):

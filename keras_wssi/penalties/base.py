@@ -210,7 +210,7 @@ class RandomDirections(Penalty):
     variable, so draws compile under XLA without retracing and a resumed run continues the same sequence.
 
     Under a distribution strategy each replica draws its own vectors (the replica index is folded into the
-    seed); the counter advances once per step.
+    seed); the counter advances once per draw, so a resumed run continues the same sequence.
 
     Args:
         seed: an int, or None for a seed drawn from Python's `random` (deterministic under

@@ -4,7 +4,6 @@ The power-iteration vectors are penalty state (variables of the model), so they 
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_wssi import linalg
@@ -78,9 +77,7 @@ class LayerwiseSpectralNorm(Penalty):
                 else:
                     shape = tuple(linalg.kernel_matrices(kernel, kind).shape[:2])
                     settings = None
-                # NumPy, so the state can also be created inside the first traced step (subclassed models).
-                initial = np.random.default_rng([len(self._entries), 29]).standard_normal(shape).astype(np.float32)
-                initial /= np.linalg.norm(initial.reshape(shape[0], -1), axis=-1).reshape((-1,) + (1,) * (len(shape) - 1))
+                initial = linalg.random_unit_rows(shape, [len(self._entries), 29])
                 state = self.add_state(f"u_{index}_{k_index}", shape, initial)
                 self._entries.append((kernel, kind, settings, state))
         super().build(model)

@@ -7,7 +7,6 @@ from the full Jacobian; the gradient is the envelope-theorem one (the final vect
 
 import math
 
-import numpy as np
 import tensorflow as tf
 
 from keras_wssi import linalg
@@ -133,9 +132,7 @@ class JacobianSpectralNorm(RandomLogitJacobianPenalty):
         if self._warm_state is None:
             # A class not seen yet starts from a fixed random unit vector: deterministic even without a seed, so runs
             # (and replicas) agree.
-            generator = np.random.default_rng(0 if self.seed is None else self.seed)
-            initial = generator.standard_normal((num_classes, num_classes)).astype(np.float32)
-            self._warm_initial = initial / np.linalg.norm(initial, axis=-1, keepdims=True)
+            self._warm_initial = linalg.random_unit_rows((num_classes, num_classes), 0 if self.seed is None else self.seed)
             self._warm_state = self.add_state("warm_start", (num_classes, num_classes), "zeros")
         if self._warm_state.shape[0] != num_classes:
             raise ValueError(
@@ -178,9 +175,7 @@ class JacobianSpectralNorm(RandomLogitJacobianPenalty):
             return self._unit_vectors(batch, num_classes)
         if self.start == "fixed":
             if self._fixed_start is None or self._fixed_start.shape[-1] != num_classes:
-                generator = np.random.default_rng(self.seed)
-                vector = generator.standard_normal(num_classes).astype(np.float32)
-                self._fixed_start = vector / np.linalg.norm(vector)
+                self._fixed_start = linalg.random_unit_rows((1, num_classes), self.seed)[0]
             return tf.tile(tf.constant(self._fixed_start)[tf.newaxis], [batch, 1])
         direction = tf.stop_gradient(loss_cotangent(logits, context.y, "cross_entropy", None, self.name))
         # A perfectly fit example has p − e_y ≈ 0: fall back to a fixed vector rather than a zero start.

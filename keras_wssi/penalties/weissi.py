@@ -9,7 +9,6 @@ weights only through `∏_l ||W_l||`, which upper-bounds the input-gradient norm
 
 import warnings
 
-import numpy as np
 import tensorflow as tf
 
 from keras_wssi import linalg
@@ -128,9 +127,7 @@ class WEISSI(Penalty):
                 vector_index = None
                 if self.norm == "spectral":
                     batch, fan_in = linalg.kernel_matrices(kernel, kind).shape[:2]
-                    # NumPy, so the state can also be created inside the first traced step (subclassed models).
-                    initial = np.random.default_rng([len(self._start_vectors), 17]).standard_normal([batch, fan_in])
-                    initial = (initial / np.linalg.norm(initial, axis=-1, keepdims=True)).astype(np.float32)
+                    initial = linalg.random_unit_rows((batch, fan_in), [len(self._start_vectors), 17])
                     self._start_vectors.append(self.add_state(f"u_{len(self._start_vectors)}", (batch, fan_in), initial))
                     vector_index = len(self._start_vectors) - 1
                 index_of_layer[id(weight_layer.layer)].append(len(self._kernels))
