@@ -1,8 +1,9 @@
 """When to compile the train step with XLA: the measured rule behind `jit_compile="auto"`.
 
-On this project's 2-core CPU machine (idle), XLA makes the dense-only MLP's steps faster (median 0.80x the
-no-XLA time over the regularized cases) and the small CNN's steps slower (1.4-2.2x; 4.6-6.7x under load);
-`benchmarks/step_overhead.py` measures both, quoted in `docs/benchmarks.md` ("When to use XLA on CPU").
+On this project's 2-core CPU machine, XLA makes the small CNN's steps 1.4-6.7x slower in every measurement; for
+the dense-only MLP the two settings are within ~20% (XLA 0.8x on the idle machine before the penalty-state
+refactor, 0.9-1.2x after it). `benchmarks/step_overhead.py --xla_ratio` measures both, quoted in
+`docs/benchmarks.md` ("When to use XLA on CPU").
 The rule, stated identically in the README, the docs and `examples/train.py`:
 
     auto: XLA on for models without convolutional layers, or when a GPU/TPU is present; off for convolutional models on CPU
@@ -72,7 +73,7 @@ def recommended_jit_compile(model, accelerator=None):
     """Whether to compile `model`'s train step with XLA, by the measured rule (see `RULE`).
 
     XLA on for models without convolutional layers, or when a GPU/TPU is present; off for convolutional models
-    on CPU, where XLA made the small CNN's steps 1.4-2.2x slower (docs/benchmarks.md).
+    on CPU, where XLA made the small CNN's steps 1.4-6.7x slower (docs/benchmarks.md).
 
     Args:
         model: a `keras.Model`.
