@@ -6,6 +6,7 @@ load from other processes hits both sides alike; the ratio of medians is printed
 
     python benchmarks/step_overhead.py --data_dir=../shared/data
     python benchmarks/step_overhead.py --cases=weissi,l2 --architectures=mlp --jit=true
+    python benchmarks/step_overhead.py --xla_ratio --cases=weissi,input_gradient   # XLA vs no XLA, same model
 """
 
 import json
@@ -239,6 +240,43 @@ def spectral_error_report(case_names, data_dir, examples, epochs):
     return results
 
 
+# ---- XLA on or off (issue #15): the same model's step with and without XLA, timed interleaved ---------------------------
+flags.DEFINE_bool(
+    "xla_ratio", False,
+    "Instead of penalty overheads: time each --architectures model's step without and with XLA in interleaved rounds, "
+    "for the plain model and each --cases penalty (default: plain only), and print the XLA / no-XLA ratio.",
+)
+
+
+def xla_ratios(case_names, images, labels, batch_size, steps, rounds):
+    """Returns {"<architecture>/<case>": {"no_xla_ms", "xla_ms", "ratio"}}: the fastest round's per-step time of the
+    same model compiled without and with XLA, timed in alternating rounds so that load hits both alike."""
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True).repeat()
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, batch {batch_size}, {steps} steps x {rounds} "
+          "interleaved rounds (no XLA, XLA, no XLA, ...), fastest round's per-step time")
+    results = {}
+    for architecture in FLAGS.architectures:
+        for name in ["plain", *case_names]:
+            settings = {}
+            try:
+                for jit_compile in (False, True):
+                    penalties = [] if name == "plain" else _as_list(PENALTY_CASES[name]())
+                    settings[jit_compile] = _step_function(_compiled_model(architecture, penalties, jit_compile), dataset)
+                    _time_round(settings[jit_compile], 3)  # Trace and compile outside the timed rounds.
+            except kw.structure.StructureError as error:
+                results[f"{architecture}/{name}"] = {"not_applicable": str(error)}
+                print(f"{architecture:4s} {name:46s} n/a ({str(error)[:80]})", flush=True)
+                continue
+            times = {False: [], True: []}
+            for _ in range(rounds):
+                for jit_compile in (False, True):
+                    times[jit_compile].append(_time_round(settings[jit_compile], steps))
+            no_xla_ms, xla_ms = 1e3 * min(times[False]), 1e3 * min(times[True])
+            results[f"{architecture}/{name}"] = {"no_xla_ms": no_xla_ms, "xla_ms": xla_ms, "ratio": xla_ms / no_xla_ms}
+            print(f"{architecture:4s} {name:46s} no XLA {no_xla_ms:8.2f} ms  XLA {xla_ms:8.2f} ms  "
+                  f"XLA/no-XLA {xla_ms / no_xla_ms:5.2f}x", flush=True)
+
+
 # ---- The library's step against a hand-written XLA step of the same math -------------------------------------------
 flags.DEFINE_enum(
     "handwritten", "also", ["also", "only", "skip"],
@@ -332,6 +370,16 @@ def handwritten_comparison(images, labels, batch_size, steps, rounds):
 
 def main(argv):
     del argv
+    if FLAGS.xla_ratio:
+        unknown = [c for c in FLAGS.cases if c not in PENALTY_CASES]
+        if unknown:
+            raise app.UsageError(f"--cases: unknown {unknown}; known: {', '.join(PENALTY_CASES)}")
+        images, labels = _images_and_labels(FLAGS.batch_size, FLAGS.steps)
+        results = xla_ratios(FLAGS.cases, images, labels, FLAGS.batch_size, FLAGS.steps, FLAGS.rounds)
+        if FLAGS.json_out:
+            with open(FLAGS.json_out, "w") as handle:
+                json.dump(results, handle, indent=2)
+        return
     case_names = FLAGS.cases or list(PENALTY_CASES)
     if FLAGS.spectral_error != "only" and FLAGS.handwritten != "only":
         run_timings(case_names)

@@ -148,7 +148,9 @@ def _import_heavy(verbose):
 
 
 def resolve_jit_compile(flag, model_name, deterministic, accelerators):
-    """The XLA decision and its reason: `--jit_compile=auto` resolved by the documented rule."""
+    """The XLA decision and its reason: `--jit_compile=auto` resolved by the documented rule (`keras_wssi.xla.RULE`;
+    of the built-in architectures, CONVOLUTIONAL_MODELS are the ones `keras_wssi.xla.has_convolutions` finds
+    convolutions in — checked by tests/test_xla.py)."""
     if deterministic:
         if flag == "true":
             return False, "off: --deterministic (Keras disables XLA under op determinism)"

@@ -25,6 +25,7 @@ from keras_wssi import penalties
 from keras_wssi import regularizers
 from keras_wssi import structure
 from keras_wssi import validation
+from keras_wssi import xla
 from keras_wssi.models import FunctionalModel
 from keras_wssi.models import Model
 from keras_wssi.models import WrappedModel
@@ -51,5 +52,6 @@ __all__ = [
     "regularizers",
     "structure",
     "validation",
+    "xla",
     "wrap",
 ]

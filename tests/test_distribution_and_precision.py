@@ -29,6 +29,7 @@ RANDOMIZED = {
 }
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_matches_one_device_for_every_penalty():
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, "distributed_training_check.py")],

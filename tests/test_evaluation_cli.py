@@ -30,6 +30,7 @@ def trained_run(tmp_path_factory, data_dir):
     return output_dir
 
 
+@pytest.mark.slow
 def test_training_script_model_evaluates_end_to_end(trained_run, data_dir, tmp_path):
     report_dir = str(tmp_path / "report")
     # The data folder comes from $KERAS_WSSI_DATA_DIR here (no --data_dir), as offline users set it.
@@ -58,6 +59,7 @@ def test_training_script_model_evaluates_end_to_end(trained_run, data_dir, tmp_p
     assert os.path.isfile(os.path.join(report_dir, "accuracy_vs_epsilon.png"))
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear(trained_run, data_dir):
     script = os.path.join(REPO_ROOT, "examples", "evaluate.py")
     result = _run([script, f"--models={trained_run}/model.keras", f"--data_dir={data_dir}", "--attacks=deepfool"])

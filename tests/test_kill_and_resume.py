@@ -69,6 +69,7 @@ def _assert_same_run(reference_dir, resumed_dir):
     assert not [f for _, _, files in os.walk(resumed_dir) for f in files if ".tmp" in f or "_temp" in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("penalties", list(CHAINS), ids=["stateless", "stateful_spectral_warm_start"])
 def test_killed_anywhere_and_rerun_ends_bit_identical(penalties, data_dir, tmp_path):
     reference_dir, resumed_dir = str(tmp_path / "reference"), str(tmp_path / "resumed")

@@ -83,6 +83,7 @@ def _single(tmp_path, penalty, *extra):
     assert single.returncode == 0, single.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("penalty", list(TOLERANCE), ids=["stateless_weissi", "stateful_spectral_norm"])
 def test_two_workers_on_localhost_train_identically_and_match_one_process(penalty, tmp_path):
     backup_dir = str(tmp_path / "backup")
@@ -112,6 +113,7 @@ def test_two_workers_on_localhost_train_identically_and_match_one_process(penalt
     assert not [n for n in os.listdir(backup_dir) if n.startswith("_worker")]
 
 
+@pytest.mark.slow
 def test_two_workers_resume_from_the_chiefs_backup(tmp_path):
     """Two epochs, then the same cluster asked for three: both workers restore the chief's epoch-2 backup."""
     penalty = "weissi:0.05"

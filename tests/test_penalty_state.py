@@ -104,6 +104,7 @@ def resumed_in_fresh_process(tmp_path_factory):
     return expected, resumed, entries, (folder / "hint.txt").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: f"{c[0]}-{c[1]}{'-xla' if c[2] else ''}")
 def test_resumed_in_a_fresh_process_equals_uninterrupted_run_bit_for_bit(resumed_in_fresh_process, case):
     expected, resumed, entries, _ = resumed_in_fresh_process
@@ -121,6 +122,7 @@ def test_resumed_in_a_fresh_process_equals_uninterrupted_run_bit_for_bit(resumed
             np.testing.assert_array_equal(got[path], want[path], err_msg=f"{case}: {path}")
 
 
+@pytest.mark.slow
 def test_loading_without_import_says_to_import_keras_wssi(resumed_in_fresh_process):
     hint = resumed_in_fresh_process[3]
     assert "import keras_wssi" in hint, hint[:500]

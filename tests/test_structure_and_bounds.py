@@ -200,6 +200,7 @@ def test_conv_operator_norm_bound_holds_against_the_exact_conv_operator():
     assert true_norm <= bound * (1 + 1e-5)
 
 
+@pytest.mark.slow
 def test_bound_holds_on_trained_networks(data_dir):
     images, labels = kw.data.load_arrays("mnist", "train", data_dir=data_dir)
     images, labels = images[:2048], labels[:2048]

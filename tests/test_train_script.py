@@ -27,6 +27,7 @@ def run_script(*args, timeout=900, env_extra=None, drop=()):
     )
 
 
+@pytest.mark.slow
 def test_mnist_mlp_with_weissi_reaches_98_percent_and_writes_every_output(data_dir, tmp_path):
     output_dir = str(tmp_path / "run")
     result = run_script(
@@ -58,6 +59,7 @@ def test_mnist_mlp_with_weissi_reaches_98_percent_and_writes_every_output(data_d
     assert abs(accuracy - metrics["test_accuracy"]) < 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flag, message",
     [
@@ -99,6 +101,7 @@ def test_xla_rule():
     assert rule("true", "cnn", False, [])[0] is True and rule("false", "mlp", False, [])[0] is False
 
 
+@pytest.mark.slow
 def test_missing_data_dir_is_refused(tmp_path):
     result = run_script(f"--data_dir={tmp_path / 'missing'}", f"--output_dir={tmp_path / 'run'}", timeout=300)
     assert result.returncode == 2

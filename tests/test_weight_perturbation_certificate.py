@@ -162,6 +162,7 @@ def test_certificate_is_the_exact_worst_case_for_one_linear_layer(norm):
     np.testing.assert_allclose(adversarial, result["bounds"][np.arange(5), target], rtol=1e-3)
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=18, deadline=None, derandomize=True)
 @hypothesis.given(
     depth=st.integers(1, 3),

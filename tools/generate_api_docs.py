@@ -29,6 +29,7 @@ MODULES = [
     "keras_wssi.validation",
     "keras_wssi.data",
     "keras_wssi.architectures",
+    "keras_wssi.xla",
 ]
 
 
