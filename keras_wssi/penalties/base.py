@@ -233,9 +233,11 @@ class RandomDirections(Penalty):
     def normal(self, shape):
         """Standard normal draws of `shape` for this step (advances the counter)."""
         counter = self._seed_state.value
-        seed = counter + tf.stack([tf.constant(0, tf.int64), tf.cast(backend.replica_id(), tf.int64) * (2**32)])
+        seed = counter
+        if tf.distribute.has_strategy():  # Decided at trace time: no extra ops on a single device.
+            seed = counter + tf.stack([tf.constant(0, tf.int64), tf.cast(backend.replica_id(), tf.int64) * (2**32)])
         draw = backend.stateless_normal(shape, seed)
-        self._seed_state.assign(counter + tf.constant([0, 1], tf.int64))
+        self._seed_state.assign_add(tf.constant([0, 1], tf.int64))
         return draw
 
 
