@@ -5,9 +5,10 @@ Layers of the package, lowest first (nothing imports a module above it; `tests/t
 this order from the imports and fails on a cycle or an upward import):
 
 1. tensor math and arguments: `validation`, `labels`, `linalg`;
-2. reading models and the step's autodiff: `structure`, `backend` (one module per Keras backend), `context`;
-3. training side: `penalties`, `regularizers`, then `models` (the training step), `architectures`, `data`,
-   `callbacks`, `experiments`;
+2. reading models and the step's autodiff: `structure`, `margin_bounds`, `backend` (one module per Keras backend),
+   `context`, `xla` (when to compile with XLA);
+3. training side: `penalties`, `regularizers`, then `models` (the training step, with `distribute`'s multi-worker
+   fix), `architectures`, `data`, `callbacks`, `experiments`;
 4. reading side: `analysis` (bounds, identities, slope, certificates), then `evaluation` (attacks, noise, weight
    perturbations, reports). Neither imports the training side.
 """

@@ -1,7 +1,7 @@
 """Analysis tools: functions of a trained model and data, used by tests, experiments and reports.
 
-Analysis only reads models: it imports the tensor math (`linalg`, `labels`, `validation`), the model reader
-(`structure`) and the step context (`context`), never the training side (`penalties`, `models`, `callbacks`,
+Analysis only reads models: it imports the tensor math (`linalg`, `labels`, `validation`, `margin_bounds`), the
+model reader (`structure`) and the step context (`context`), never the training side (`penalties`, `models`, `callbacks`,
 `data`, `architectures`) — a test checks this.
 """
 
