@@ -22,10 +22,12 @@ __all__ = [
     "WeightLayer",
     "check_homogeneous",
     "dense_chain",
+    "describe_variables",
     "feedforward_chain",
     "graph_nodes",
     "is_weight_layer",
     "non_homogeneous_layers",
+    "other_kernels",
     "output_activation",
     "residual_blocks",
     "unwrap",
@@ -328,6 +330,41 @@ def weight_layers(model):
             "there is nothing for a weight penalty to act on."
         )
     return result
+
+
+def other_kernels(model):
+    """The trainable weight matrices (rank >= 2) that `weight_layers` does not read: recurrent kernels (LSTM, GRU),
+    embedding tables, attention projections (`EinsumDense` inside `MultiHeadAttention`), custom layers' kernels.
+
+    Penalties that read model structure use it to say what they leave out (and weight decay to cover it). Biases
+    and normalization parameters (rank 1) are not kernels.
+
+    Returns:
+        The variables, each once, in the model's variable order.
+
+    Example:
+
+    ```python
+    [v.path for v in keras_wssi.structure.other_kernels(model)]   # e.g. ['lstm/lstm_cell/kernel', ...]
+    ```
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}.")
+    try:
+        covered = {id(k) for w in weight_layers(model) for k in w.kernels}
+    except StructureError:
+        covered = set()
+    result, seen = [], set()
+    for variable in unwrap(model).trainable_variables:
+        if len(variable.shape) >= 2 and id(variable) not in covered and id(variable) not in seen:
+            seen.add(id(variable))
+            result.append(variable)
+    return result
+
+
+def describe_variables(variables):
+    """`"path (shape), …"` for messages."""
+    return ", ".join(f"{getattr(v, 'path', v.name)} {tuple(v.shape)}" for v in variables)
 
 
 def non_homogeneous_layers(model):

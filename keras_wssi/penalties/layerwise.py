@@ -3,6 +3,8 @@
 The power-iteration vectors are penalty state (variables of the model), so they are saved and resumed.
 """
 
+import warnings
+
 import keras
 import tensorflow as tf
 
@@ -54,6 +56,15 @@ class LayerwiseSpectralNorm(Penalty):
         super().__init__(strength=strength, name=name)
 
     def build(self, model):
+        left_out = structure.other_kernels(model)
+        if left_out:
+            warnings.warn(
+                f"{self.name}: leaves out {structure.describe_variables(left_out)}: the layer-wise bound "
+                "∏ σ(W_l) is defined for the Dense and convolution layers of a feed-forward network, and these weights "
+                "(recurrent kernels, embedding tables, attention projections) are not such layers. Add `l2` to "
+                "regularize them.",
+                stacklevel=2,
+            )
         self._entries = []
         for index, weight_layer in enumerate(structure.weight_layers(model)):
             layer = weight_layer.layer

@@ -8,6 +8,7 @@ They are kept as baselines for the WEISSI penalties.
 import tensorflow as tf
 
 from keras_wssi import structure
+from keras_wssi import validation
 from keras_wssi.penalties.base import Penalty
 from keras_wssi.penalties.base import register_alias
 from keras_wssi.penalties.base import register_penalty
@@ -17,7 +18,11 @@ __all__ = ["WeightDecay"]
 
 @register_penalty("lp")
 class WeightDecay(Penalty):
-    """`Σ_l Σ_ij |W_l,ij|^p` over the kernels of every weight layer (biases are not decayed).
+    """`Σ_l Σ_ij |W_l,ij|^p` over every kernel of the model (biases and normalization parameters are not decayed).
+
+    Every trainable weight matrix counts: Dense and convolution kernels, recurrent kernels (LSTM, GRU), embedding
+    tables and attention projections (`structure.other_kernels`); `penalty.coverage` lists what is regularized and
+    what is left out, after `build`.
 
     Args:
         strength: λ.
@@ -34,15 +39,27 @@ class WeightDecay(Penalty):
     requires = frozenset({"weights"})
 
     def __init__(self, strength=1e-4, p=2.0, name=None):
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not float(p) >= 1.0:
-            raise ValueError(f"p must be a number >= 1, got {p!r}.")
-        self.p = float(p)
+        self.p = validation.finite_float(p, "p", minimum=1.0)
         if name is None:
             name = {2.0: "l2", 1.0: "l1"}.get(self.p, "lp")
         super().__init__(strength=strength, name=name)
 
     def build(self, model):
-        self._kernels = [k for w in structure.weight_layers(model) for k in w.kernels]
+        try:
+            layer_kernels = [k for w in structure.weight_layers(model) for k in w.kernels]
+        except structure.StructureError:
+            layer_kernels = []
+        # Every kernel a user would expect decayed: Dense and convolution kernels, and the other trainable weight
+        # matrices (recurrent kernels, embedding tables, attention projections). Biases and normalization
+        # parameters (rank 1) are not decayed, as is standard.
+        self._kernels = layer_kernels + structure.other_kernels(model)
+        if not self._kernels:
+            raise structure.StructureError(f"{self.name}: the model has no trainable kernel (rank >= 2) to decay.")
+        left_out = [v for v in structure.unwrap(model).trainable_variables if len(v.shape) < 2]
+        self.coverage = {
+            "regularized": [getattr(v, "path", v.name) for v in self._kernels],
+            "left_out": {getattr(v, "path", v.name): "bias or normalization parameter (rank 1): not decayed" for v in left_out},
+        }
         super().build(model)
 
     def call(self, context):

@@ -113,6 +113,14 @@ class WEISSI(Penalty):
             structure.check_homogeneous(model, method=f"The WEISSI penalty {self.name!r}", error=False)
         except structure.StructureError:
             pass  # Subclassed model: the graph is unknown, nothing to check.
+        left_out = structure.other_kernels(model)
+        if left_out:
+            warnings.warn(
+                f"{self.name}: leaves {structure.describe_variables(left_out)} out of the penalty: only Dense and "
+                "convolution kernels enter the product of layer norms (the weight scale shift is defined for them). "
+                "Add `l2` to regularize the others.",
+                stacklevel=2,
+            )
 
         # Each entry: (kernel variable, kind, index of its start-vector variable or None).
         self._kernels = []
