@@ -86,8 +86,7 @@ class SlopeLogger(keras.callbacks.Callback):
         x = np.asarray(x)
         if x.ndim < 2 or len(x) == 0 or not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"x must be a non-empty floating-point batch (N, …), got shape {x.shape} and dtype {x.dtype}.")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer, got {every!r}.")
+        every = validation.positive_int(every, "every")
         if not isinstance(prefix, str) or not prefix.replace("_", "").isalnum():
             raise ValueError(f"prefix must be letters, digits and underscores, got {prefix!r}.")
         self.x = x
@@ -176,10 +175,8 @@ class SlopeEarlyStopping(SlopeLogger):
             raise ValueError(f"criterion must be 'plateau' or 'threshold', got {criterion!r}.")
         if statistic not in _STATISTICS:
             raise ValueError(f"statistic must be one of {_STATISTICS}, got {statistic!r}.")
-        if isinstance(min_delta, bool) or not isinstance(min_delta, (int, float)) or not min_delta >= 0:
-            raise ValueError(f"min_delta must be a non-negative number, got {min_delta!r}.")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be a positive integer, got {patience!r}.")
+        min_delta = validation.non_negative_float(min_delta, "min_delta")
+        patience = validation.positive_int(patience, "patience")
         if criterion == "threshold" and not (
             isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 0
         ):
@@ -411,8 +408,7 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
 
     def __init__(self, check_every=1):
         super().__init__()
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-            raise ValueError(f"check_every must be a positive integer, got {check_every!r}.")
+        check_every = validation.positive_int(check_every, "check_every")
         self.check_every = check_every
         self._epoch = 0
         self._check = None

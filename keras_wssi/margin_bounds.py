@@ -31,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_wssi import labels as labels_module
 from keras_wssi import structure
 
 __all__ = [
@@ -162,10 +163,8 @@ def pair_constant(norm):
 
 def labels_vector(labels, num_classes):
     """Integer labels `(N,)` from integer or one-hot labels."""
-    labels = tf.convert_to_tensor(labels)
-    if labels.shape.rank is not None and labels.shape.rank >= 2 and labels.shape[-1] == num_classes:
-        return tf.argmax(labels, axis=-1, output_type=tf.int32)
-    return tf.reshape(tf.cast(labels, tf.int32), [-1])
+    sparse, dense = labels_module.sparse_or_dense(labels, num_classes, "labels")
+    return sparse if sparse is not None else tf.argmax(dense, axis=-1, output_type=tf.int32)
 
 
 def margins(logits, labels):

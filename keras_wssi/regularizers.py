@@ -26,9 +26,7 @@ class LpDecay(keras.Regularizer):
 
     def __init__(self, strength=1e-4, p=2.0):
         self.strength = validation.strength(strength)
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not float(p) >= 1.0:
-            raise ValueError(f"p must be a number >= 1, got {p!r}.")
-        self.p = float(p)
+        self.p = validation.finite_float(p, "p", minimum=1.0)
 
     def __call__(self, x):
         x = tf.cast(x, tf.float32)
@@ -67,9 +65,7 @@ class LogNorm(keras.Regularizer):
                 "keras_wssi.penalties.WEISSI(norm='spectral') instead."
             )
         self.norm = norm
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
-            raise ValueError(f"epsilon must be a positive number, got {epsilon!r}.")
-        self.epsilon = float(epsilon)
+        self.epsilon = validation.positive_float(epsilon, "epsilon")
 
     def __call__(self, x):
         value, _ = linalg.matrix_norm(tf.cast(x, tf.float32), self.norm, epsilon=self.epsilon)
@@ -128,8 +124,7 @@ class SpectralNormRegularizer(keras.Regularizer):
 
     def __init__(self, strength=0.01, iterations=1, conv_input_shape=None, strides=1, padding="same"):
         self.strength = validation.strength(strength)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}.")
+        iterations = validation.positive_int(iterations, "iterations")
         self.iterations = iterations
         if conv_input_shape is not None:
             conv_input_shape = tuple(int(s) for s in conv_input_shape)

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_wssi import labels as labels_module
 from keras_wssi.evaluation import attacks as attacks_module
 from keras_wssi.evaluation import compiled_attacks
 from keras_wssi.evaluation.attacks import EvaluationError
@@ -46,7 +47,10 @@ def check_dataset(images, labels, model=None, name="images"):
     if images.ndim == 0 or len(images) == 0:
         raise EvaluationError(f"The dataset is empty: {name} has shape {images.shape}; nothing to evaluate.")
     if labels.ndim == 2:
-        labels = labels.argmax(axis=1)
+        try:
+            labels = labels_module.class_indices(labels, None, "labels")  # One-hot rows or (N, 1).
+        except ValueError as error:
+            raise EvaluationError(str(error)) from None
     if labels.ndim != 1 or len(labels) != len(images):
         raise EvaluationError(
             f"labels must be integer classes of shape ({len(images)},) to match {name}, got shape {labels.shape}."

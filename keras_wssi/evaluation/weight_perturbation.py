@@ -22,6 +22,7 @@ snapshot taken before is compared (and restored, bit for bit) in a `finally` blo
 import numpy as np
 import tensorflow as tf
 
+from keras_wssi import labels as labels_module
 from keras_wssi import structure
 from keras_wssi.margin_bounds import operator_norm
 from keras_wssi.margin_bounds import validate_epsilon
@@ -177,7 +178,7 @@ def evaluate_weight_perturbations(
         step_size = 2.5 / steps
     step_size = validate_epsilon(step_size, "step_size")
     images = np.asarray(images)
-    labels = np.asarray(labels).reshape(-1).astype(np.int32)
+    labels = labels_module.class_indices(labels, None, "labels").astype(np.int32)
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"images and labels must be non-empty and of equal length, got {len(images)} and {len(labels)}.")
 
