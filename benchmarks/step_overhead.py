@@ -327,6 +327,17 @@ def _handwritten_step(model, case, dataset):
     return train_function
 
 
+def _interleaved_ms(first, second, steps, rounds):
+    """The fastest round's per-step milliseconds of two step functions, timed in alternating rounds after warm-up."""
+    _time_round(first, 3)
+    _time_round(second, 3)
+    times = ([], [])
+    for _ in range(rounds):
+        times[0].append(_time_round(first, steps))
+        times[1].append(_time_round(second, steps))
+    return 1e3 * min(times[0]), 1e3 * min(times[1])
+
+
 def handwritten_comparison(images, labels, batch_size, steps, rounds):
     """Prints library step / hand-written step for each case, both measured in interleaved rounds."""
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True).repeat()
@@ -337,13 +348,7 @@ def handwritten_comparison(images, labels, batch_size, steps, rounds):
         library = _step_function(_compiled_model("mlp", penalties, True), dataset)
         keras.utils.set_random_seed(0)
         handwritten = _handwritten_step(_build("mlp"), case, dataset)
-        _time_round(library, 3)
-        _time_round(handwritten, 3)
-        library_times, handwritten_times = [], []
-        for _ in range(rounds):
-            library_times.append(_time_round(library, steps))
-            handwritten_times.append(_time_round(handwritten, steps))
-        library_ms, handwritten_ms = 1e3 * min(library_times), 1e3 * min(handwritten_times)
+        library_ms, handwritten_ms = _interleaved_ms(library, handwritten, steps, rounds)
         results[case] = {"library_ms": library_ms, "handwritten_ms": handwritten_ms, "ratio": library_ms / handwritten_ms}
         print(f"mlp  jit=True  library vs hand-written {case:22s} library {library_ms:8.2f} ms  hand-written "
               f"{handwritten_ms:8.2f} ms  ratio {library_ms / handwritten_ms:5.3f}x", flush=True)
@@ -355,13 +360,7 @@ def handwritten_comparison(images, labels, batch_size, steps, rounds):
                         jit_compile=True)
     keras_step = _step_function(plain_keras, dataset)
     library = _step_function(_compiled_model("mlp", [], True), dataset)
-    _time_round(keras_step, 3)
-    _time_round(library, 3)
-    keras_times, library_times = [], []
-    for _ in range(rounds):
-        keras_times.append(_time_round(keras_step, steps))
-        library_times.append(_time_round(library, steps))
-    keras_ms, library_ms = 1e3 * min(keras_times), 1e3 * min(library_times)
+    library_ms, keras_ms = _interleaved_ms(library, keras_step, steps, rounds)
     results["keras_model_plain"] = {"library_ms": library_ms, "keras_ms": keras_ms, "ratio": library_ms / keras_ms}
     print(f"mlp  jit=True  keras_wssi.Model vs keras.Model, no penalty: library {library_ms:8.2f} ms  keras.Model "
           f"{keras_ms:8.2f} ms  ratio {library_ms / keras_ms:5.3f}x", flush=True)
