@@ -239,3 +239,36 @@ def test_penalty_loss_in_a_custom_loop_equals_the_train_step(name):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="Create them once"):
         kw.penalty_loss(custom, ["weissi"], x, y)
+
+
+def test_a_file_without_penalty_state_loads_with_a_warning_and_trains(tmp_path):
+    """Files written before penalties kept state (no `_keras_wssi_state` weights): each penalty starts fresh, and
+    says so, instead of the load failing."""
+    import io
+    import zipfile
+
+    import h5py
+
+    keras.utils.set_random_seed(4)
+    model = build_model("jacobian_spectral_norm")
+    x, y = batches(4)[0]
+    model.train_on_batch(x, y)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    weights = io.BytesIO(members["model.weights.h5"])
+    with h5py.File(weights, "a") as handle:
+        assert "_keras_wssi_state" in handle
+        del handle["_keras_wssi_state"]
+    members["model.weights.h5"] = weights.getvalue()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with pytest.warns(UserWarning, match="No saved state for penalty 'jacobian_spectral_norm'"):
+        loaded = keras.models.load_model(path)
+    assert not np.any(loaded.penalties[0]._warm_state.numpy())  # Fresh: no class seen yet.
+    for a, b in zip(model.trainable_variables, loaded.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    loaded.train_on_batch(x, y)
+    assert np.any(loaded.penalties[0]._warm_state.numpy())
