@@ -17,6 +17,7 @@ from keras.src.models.functional import functional_from_config
 from keras_wssi import backend
 from keras_wssi import penalties as penalties_module
 from keras_wssi.distribute import MultiWorkerFitFixes
+from keras_wssi.penalties.apply import check_penalties
 from keras_wssi.penalties.apply import penalty_loss
 
 __all__ = ["FunctionalModel", "Model", "WrappedModel", "wrap"]
@@ -131,14 +132,8 @@ class Model(MultiWorkerFitFixes, keras.Model):  # The mixin: fit under MultiWork
             regularizers = []
         if not isinstance(regularizers, (list, tuple)):
             regularizers = [regularizers]
-        penalties = [penalties_module.get(r) for r in regularizers]
+        penalties = check_penalties([penalties_module.get(r) for r in regularizers])
         names = [p.name for p in penalties]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(
-                f"Penalty names must be unique (each is a metric), got duplicates {duplicates}: pass name=... "
-                "to tell them apart."
-            )
         taken = (_RESERVED_NAMES | _metric_names(metrics) | _metric_names(weighted_metrics)) & set(names)
         prefixed = [n for n in names if n.startswith("val_")]
         if taken or prefixed:

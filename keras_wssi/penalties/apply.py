@@ -12,7 +12,7 @@ from keras_wssi import backend
 from keras_wssi.context import PenaltyContext
 from keras_wssi.penalties.base import Penalty
 
-__all__ = ["PenaltyLoss", "penalty_loss"]
+__all__ = ["PenaltyLoss", "check_penalties", "penalty_loss"]
 
 PenaltyLoss = collections.namedtuple("PenaltyLoss", ["total", "values", "y_pred"])
 PenaltyLoss.__doc__ = """What `penalty_loss` returns.
@@ -24,7 +24,8 @@ Attributes:
 """
 
 
-def _check_penalties(penalties):
+def check_penalties(penalties):
+    """The penalties as a list of `Penalty` objects with unique names (each is a metric), or a clear error."""
     if isinstance(penalties, Penalty):
         penalties = [penalties]
     penalties = list(penalties)
@@ -38,7 +39,9 @@ def _check_penalties(penalties):
     names = [p.name for p in penalties]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"Penalty names must be unique (each is a metric), got duplicates {duplicates}.")
+        raise ValueError(
+            f"Penalty names must be unique (each is a metric), got duplicates {duplicates}: pass name=... to tell them apart."
+        )
     return penalties
 
 
@@ -72,7 +75,7 @@ def penalty_loss(model, penalties, x, y=None, sample_weight=None, training=True)
     grads = tape.gradient(loss, model.trainable_variables)
     ```
     """
-    penalties = _check_penalties(penalties)
+    penalties = check_penalties(penalties)
     for penalty in penalties:
         penalty.check_model(model)
     input_jacobian = None
