@@ -27,6 +27,7 @@ import tensorflow as tf  # noqa: E402
 from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent  # noqa: E402
 
 import keras_wssi as kw  # noqa: E402
+from benchmark_data import model_to_attack  # noqa: E402
 from benchmark_data import resolve_data_dir  # noqa: E402
 from keras_wssi import evaluation  # noqa: E402
 
@@ -45,16 +46,7 @@ flags.DEFINE_boolean("jit_compile", False, "XLA for our runner.")
 
 
 def _model(data_dir):
-    if FLAGS.model:
-        return evaluation.load_model(FLAGS.model)[0], FLAGS.model
-    keras.utils.set_random_seed(0)
-    kwargs = {"hidden_units": tuple(int(h) for h in FLAGS.hidden_units)} if FLAGS.architecture == "mlp" else {}
-    model = kw.architectures.build(FLAGS.architecture, **kwargs)
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    x_train, y_train = kw.data.load_arrays("mnist", "train", data_dir)
-    model.fit(x_train[:10000], y_train[:10000], epochs=1, batch_size=128, verbose=0)
-    description = f"{FLAGS.architecture} {FLAGS.hidden_units if FLAGS.architecture == 'mlp' else ''}".strip()
-    return model, f"{description} (1 epoch on 10k MNIST training images)"
+    return model_to_attack(FLAGS.model, FLAGS.architecture, FLAGS.hidden_units, data_dir)
 
 
 def main(argv):

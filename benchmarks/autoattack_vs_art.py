@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_wssi as kw  # noqa: E402
+from benchmark_data import model_to_attack  # noqa: E402
 from benchmark_data import resolve_data_dir  # noqa: E402
 from keras_wssi import evaluation  # noqa: E402
 
@@ -50,16 +51,7 @@ flags.DEFINE_integer("seed", 0, "Seed of both sides' random starts.")
 
 
 def _model(data_dir):
-    if FLAGS.model:
-        return evaluation.load_model(FLAGS.model)[0], FLAGS.model
-    keras.utils.set_random_seed(0)
-    kwargs = {"hidden_units": tuple(int(h) for h in FLAGS.hidden_units)} if FLAGS.architecture == "mlp" else {}
-    model = kw.architectures.build(FLAGS.architecture, **kwargs)
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    x_train, y_train = kw.data.load_arrays("mnist", "train", data_dir)
-    model.fit(x_train[:10000], y_train[:10000], epochs=1, batch_size=128, verbose=0)
-    description = f"{FLAGS.architecture} {FLAGS.hidden_units if FLAGS.architecture == 'mlp' else ''}".strip()
-    return model, f"{description} (1 epoch on 10k MNIST training images)"
+    return model_to_attack(FLAGS.model, FLAGS.architecture, FLAGS.hidden_units, data_dir)
 
 
 def _art_apgd(model, x, y, loss_type):

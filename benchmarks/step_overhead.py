@@ -11,7 +11,6 @@ load from other processes hits both sides alike; the ratio of medians is printed
 
 import json
 import os
-import statistics
 import sys
 import time
 

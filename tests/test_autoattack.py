@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_wssi import architectures
-from keras_wssi import data
+from _testing import small_trained_mlp
 from keras_wssi import evaluation
 from keras_wssi.evaluation import ensemble as ensemble_module
 from keras_wssi.evaluation import compiled_attacks
@@ -25,13 +24,8 @@ ART_MARGIN = 0.02
 
 @pytest.fixture(scope="module")
 def trained(data_dir):
-    keras.utils.set_random_seed(0)
-    x_train, y_train = data.load_arrays("mnist", "train", data_dir)
-    x_test, y_test = data.load_arrays("mnist", "test", data_dir)
-    model = architectures.mlp(hidden_units=(64,))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    model.fit(x_train[:3000], y_train[:3000], epochs=2, batch_size=128, verbose=0)
-    return model, np.array(x_test[:N]), np.array(y_test[:N]).astype(np.int32)
+    model, x, y = small_trained_mlp(data_dir, N)
+    return model, x, y.astype(np.int32)
 
 
 def _norms(delta, norm):

@@ -1,7 +1,6 @@
 """The batched, compiled runner on a small MLP trained on real MNIST: ε = 0, monotonicity, PGD ≥ FGSM,
 norm balls and clip ranges, equality with direct cleverhans calls, seeds, noise and bad input."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,8 +10,7 @@ from cleverhans.tf2.attacks.madry_et_al import madry_et_al
 from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method
 from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
 
-from keras_wssi import architectures
-from keras_wssi import data
+from _testing import small_trained_mlp
 from keras_wssi import evaluation
 
 N = 200
@@ -22,13 +20,7 @@ EPS = {"linf": 0.1, "l2": 1.0}
 
 @pytest.fixture(scope="module")
 def trained(data_dir):
-    keras.utils.set_random_seed(0)
-    x_train, y_train = data.load_arrays("mnist", "train", data_dir)
-    x_test, y_test = data.load_arrays("mnist", "test", data_dir)
-    model = architectures.mlp(hidden_units=(64,))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    model.fit(x_train[:3000], y_train[:3000], epochs=2, batch_size=128, verbose=0)
-    return model, np.array(x_test[:N]), np.array(y_test[:N])
+    return small_trained_mlp(data_dir, N)
 
 
 def _attack(name, nb_iter=10, **settings):
