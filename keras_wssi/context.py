@@ -6,7 +6,7 @@ step's own forward pass and, when a penalty needs them, products with the input 
 products come from `keras_wssi.backend`, the only place where they depend on the Keras backend.
 """
 
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import backend
 
@@ -28,7 +28,8 @@ class PenaltyContext:
     Args:
         input_jacobian: a `keras_wssi.backend.InputJacobian` of the forward pass that produced `logits`, or
             None when no penalty needs Jacobian products.
-        input_tape: alternatively, a persistent `tf.GradientTape` that watched `x` while `logits` were computed.
+        input_tape: alternatively (TensorFlow only), a persistent `tf.GradientTape` that watched `x` while
+            `logits` were computed.
     """
 
     def __init__(self, model, x, y, sample_weight, logits, training, input_tape=None, input_jacobian=None):
@@ -36,7 +37,7 @@ class PenaltyContext:
         self.x = x
         self.y = y
         self.sample_weight = sample_weight
-        self.logits = tf.cast(logits, tf.float32) if logits is not None else None
+        self.logits = ops.cast(logits, "float32") if logits is not None else None
         # The output as the model produced it (e.g. float16 under mixed precision).
         self.y_pred = self._raw_logits = logits
         self.training = training
@@ -46,7 +47,7 @@ class PenaltyContext:
 
     @property
     def batch_size(self):
-        return tf.shape(self.logits)[0]
+        return ops.shape(self.logits)[0]
 
     def _require_jacobian(self):
         if self._input_jacobian is None:
@@ -54,7 +55,7 @@ class PenaltyContext:
                 "This penalty uses input-Jacobian products but does not declare 'input_jacobian' in its "
                 "`requires`; the training loop only watches the inputs for penalties that ask for it."
             )
-        if not tf.is_tensor(self.x):
+        if isinstance(self.x, (list, tuple, dict)) or not hasattr(self.x, "dtype"):
             raise ValueError(
                 "Input-Jacobian penalties need a model with a single tensor input; got inputs of type "
                 f"{type(self.x).__name__}."
@@ -82,7 +83,7 @@ class PenaltyContext:
         """Runs the model on other inputs (for penalties that probe nearby points), logits as float32."""
         if training is None:
             training = self.training
-        return tf.cast(self.model(x, training=training), tf.float32)
+        return ops.cast(self.model(x, training=training), "float32")
 
     def compiled_loss(self, y_pred):
         """The loss given to `compile` (without `model.losses`) of predictions `y_pred` against this step's
@@ -94,14 +95,14 @@ class PenaltyContext:
         # Keras scales the compiled loss by 1/replicas under tf.distribute; penalties are scaled once, by the
         # training loop, so return the per-replica loss unscaled.
         loss = backend.unscale_loss_for_distribution(compiled(self.y, y_pred, self.sample_weight))
-        return tf.cast(loss, tf.float32)
+        return ops.cast(loss, "float32")
 
     def reduce_per_example(self, values):
         """Mean of per-example values, weighted by `sample_weight` when one is given."""
-        values = tf.cast(values, tf.float32)
+        values = ops.cast(values, "float32")
         if self.sample_weight is None:
-            return tf.reduce_mean(values)
-        weights = tf.cast(tf.reshape(self.sample_weight, [-1]), tf.float32)
-        values = tf.reshape(values, [-1])
-        return tf.math.divide_no_nan(tf.reduce_sum(values * weights), tf.reduce_sum(weights))
+            return ops.mean(values)
+        weights = ops.reshape(ops.cast(self.sample_weight, "float32"), [-1])
+        values = ops.reshape(values, [-1])
+        return ops.divide_no_nan(ops.sum(values * weights), ops.sum(weights))
 

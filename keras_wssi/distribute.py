@@ -83,9 +83,10 @@ class MultiWorkerFitFixes:
         return super()._make_function(step_with_leading_axis)
 
 
-# Checked at import: the private hooks this mixin overrides must exist in the installed Keras.
+# Checked at import: the private hooks this mixin overrides must exist in the installed Keras (TensorFlow backend;
+# on JAX, scale-out goes through `keras.distribution` and this mixin is not used).
 _TRAINER = keras.Model.__mro__
-if not all(any(hasattr(c, name) for c in _TRAINER) for name in ("_maybe_symbolic_build", "_make_function")):
+if keras.backend.backend() == "tensorflow" and not all(any(hasattr(c, name) for c in _TRAINER) for name in ("_maybe_symbolic_build", "_make_function")):
     raise ImportError(
         "keras_wssi.distribute overrides Keras's TensorFlow trainer hooks _maybe_symbolic_build and _make_function, "
         f"which Keras {keras.__version__} does not have; update keras_wssi.distribute."

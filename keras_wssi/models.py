@@ -8,7 +8,6 @@ on is kept: the step goes through `compute_loss` (so layer regularizers in `mode
 """
 
 import keras
-import tensorflow as tf
 # No public alternative: `Functional` is the base class a functional subclass must have (Keras itself injects it
 # into `keras.Model(inputs, outputs)`), and `functional_from_config` rebuilds such a subclass from its config.
 from keras.src.models.functional import Functional
@@ -71,8 +70,12 @@ class _PenaltySet:
         self.regularize_evaluation = bool(regularize_evaluation)
 
 
+# The backend's training step; on TensorFlow also the fix for fit under MultiWorkerMirroredStrategy (keras#20585).
+_BASES = (MultiWorkerFitFixes, backend.Trainer, keras.Model) if backend.BACKEND == "tensorflow" else (backend.Trainer, keras.Model)
+
+
 @keras.saving.register_keras_serializable(package="keras_wssi")
-class Model(MultiWorkerFitFixes, keras.Model):  # The mixin: fit under MultiWorkerMirroredStrategy (keras#20585).
+class Model(*_BASES):
     """A `keras.Model` trained with model-level penalties.
 
     Example:
@@ -200,7 +203,7 @@ class Model(MultiWorkerFitFixes, keras.Model):  # The mixin: fit under MultiWork
             if not penalty.built:
                 # Penalties create their state here, eagerly and under the model's distribution strategy, before
                 # any step is traced (and before `load_model` restores the state).
-                with self.distribute_strategy.scope():
+                with backend.state_creation_scope(self):
                     penalty.build(self)
 
     def make_train_function(self, force=False):
@@ -211,50 +214,27 @@ class Model(MultiWorkerFitFixes, keras.Model):  # The mixin: fit under MultiWork
         self._build_penalties()
         return super().make_test_function(force=force)
 
-    def _forward_loss_and_penalties(self, x, y, sample_weight, training):
+    def _penalties_active(self, training):
         bundle = self._keras_wssi_penalties
-        active = bundle is not None and bundle.penalties and (training or bundle.regularize_evaluation)
-        if not active:
+        return bool(bundle is not None and bundle.penalties and (training or bundle.regularize_evaluation))
+
+    def _forward_loss_and_penalties(self, x, y, sample_weight, training):
+        """The step's forward pass, loss (compiled loss + `model.losses` + scaled penalties) and penalty values;
+        the backend's `Trainer` differentiates it."""
+        bundle = self._keras_wssi_penalties
+        if not self._penalties_active(training):
             y_pred = self(x, training=training)
             return y_pred, self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training), []
         result = penalty_loss(self, bundle.penalties, x, y, sample_weight, training=training)
         loss = self._compute_loss(x=x, y=y, y_pred=result.y_pred, sample_weight=sample_weight, training=training)
         # Per-replica scaling, as Keras does for the compiled loss and `model.losses`.
-        loss = loss + tf.cast(backend.scale_loss_for_distribution(result.total), loss.dtype)
+        loss = loss + keras.ops.cast(backend.scale_loss_for_distribution(result.total), loss.dtype)
         return result.y_pred, loss, list(result.values.values())
 
     def _update_penalty_metrics(self, values):
         bundle = self._keras_wssi_penalties
         for tracker, value in zip(bundle.trackers if bundle else [], values):
             tracker.update_state(value)
-
-    def _batch_size(self, x):
-        return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
-
-    def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred, loss, values = self._forward_loss_and_penalties(x, y, sample_weight, training=True)
-            self._loss_tracker.update_state(
-                backend.unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x)
-            )
-            if self.optimizer is not None:
-                loss = self.optimizer.scale_loss(loss)
-        trainable_weights = self.trainable_weights
-        if trainable_weights:
-            gradients = tape.gradient(loss, trainable_weights)
-            self.optimizer.apply_gradients(zip(gradients, trainable_weights))
-        self._update_penalty_metrics(values)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, loss, values = self._forward_loss_and_penalties(x, y, sample_weight, training=False)
-        self._loss_tracker.update_state(
-            backend.unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x)
-        )
-        self._update_penalty_metrics(values)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def get_compile_config(self):
         config = super().get_compile_config()

@@ -32,3 +32,13 @@ def small_trained_mlp(data_dir, examples):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     model.fit(x_train[:3000], y_train[:3000], epochs=2, batch_size=128, verbose=0)
     return model, np.array(x_test[:examples]), np.array(y_test[:examples])
+
+
+BACKEND = __import__("keras").backend.backend()
+
+
+def tensorflow_only(reason):
+    """A mark that skips a test (or, as `pytestmark`, a module) on every backend but TensorFlow, with the reason."""
+    import pytest
+
+    return pytest.mark.skipif(BACKEND != "tensorflow", reason=f"TensorFlow backend only: {reason}")

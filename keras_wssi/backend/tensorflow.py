@@ -1,9 +1,11 @@
-"""TensorFlow primitives of the training step: the input tape, VJPs and JVPs, random draws, replica scaling.
+"""TensorFlow primitives of keras_wssi: the training step, the input tape, VJPs and JVPs, compiled functions,
+random draws, replica scaling.
 
 The Jacobian-vector product is written as the VJP of a VJP rather than with a forward-mode accumulator:
 differentiating an accumulator with the weight tape makes XLA recompile on every step (DESIGN.md §3).
 """
 
+import keras
 import tensorflow as tf
 
 # Keras's own per-replica loss scaling has no public API (keras.src.losses.loss is where the compiled loss and
@@ -12,11 +14,19 @@ from keras.src.losses import loss as _keras_loss
 
 __all__ = [
     "InputJacobian",
+    "Trainer",
+    "distributed",
     "forward_with_input_jacobian",
+    "function",
+    "grad",
+    "is_traced",
     "replica_id",
     "scale_loss_for_distribution",
+    "state_creation_scope",
     "stateless_normal",
+    "stateless_uniform",
     "unscale_loss_for_distribution",
+    "vjp",
 ]
 
 
@@ -83,6 +93,61 @@ def stateless_normal(shape, seed):
     return tf.random.stateless_normal(shape, seed=seed, dtype=tf.float32, alg="philox")
 
 
+def stateless_uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
+    """Uniform draws in `[minval, maxval)` from a `(2,)` integer seed (Philox)."""
+    seed = tf.cast(seed, tf.int64)
+    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval, dtype=dtype, alg="philox")
+
+
+def vjp(fn, *primals):
+    """`(outputs, pullback)` with `pullback(cotangent)` the tuple of gradients with respect to `primals` (zeros
+    where unconnected); differentiable with respect to the variables `fn` reads (a persistent tape)."""
+    primals = tf.nest.map_structure(tf.convert_to_tensor, list(primals))
+    tape = tf.GradientTape(persistent=True, watch_accessed_variables=False)
+    with tape:
+        for primal in tf.nest.flatten(primals):
+            tape.watch(primal)
+        outputs = fn(*primals)
+
+    def pullback(cotangent):
+        cotangent = tf.nest.map_structure(lambda c, o: tf.cast(c, o.dtype), cotangent, outputs)
+        gradients = tape.gradient(
+            outputs, primals, output_gradients=cotangent, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return tuple(gradients)
+
+    return outputs, pullback
+
+
+def grad(fn, *primals):
+    """The gradients (a tuple, one per primal) of the sum of `fn(*primals)`'s outputs."""
+    outputs, pullback = vjp(fn, *primals)
+    return pullback(tf.nest.map_structure(tf.ones_like, outputs))
+
+
+def function(fn, variables=(), jit_compile=True):
+    """`fn` as a `tf.function` (XLA-compiled when `jit_compile`); it reads `variables` by reference, so weights
+    changed between calls are seen."""
+    del variables  # A tf.function captures variables by reference.
+    return tf.function(fn, jit_compile=bool(jit_compile), reduce_retracing=True)
+
+
+def is_traced(x=None):
+    """Whether the code runs inside a `tf.function` trace (where tensors have no value)."""
+    del x
+    return not tf.executing_eagerly()
+
+
+def distributed():
+    """Whether a `tf.distribute` strategy is active (decided at trace time)."""
+    return tf.distribute.has_strategy()
+
+
+def state_creation_scope(model):
+    """The scope under which penalty state is created: the model's distribution strategy."""
+    return model.distribute_strategy.scope()
+
+
 def replica_id():
     """The current replica's index (an int32 scalar tensor; 0 outside a distribution strategy)."""
     context = tf.distribute.get_replica_context()
@@ -99,3 +164,32 @@ def scale_loss_for_distribution(value):
 def unscale_loss_for_distribution(value):
     """The inverse of `scale_loss_for_distribution`."""
     return _keras_loss.unscale_loss_for_distribution(value)
+
+
+class Trainer:
+    """The TensorFlow step of `keras_wssi.Model`: `train_step(data)` with a `tf.GradientTape`, as Keras's
+    TensorFlow trainer, with the penalties added to the loss (through the model's `_forward_loss_and_penalties`)."""
+
+    def _batch_size(self, x):
+        return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred, loss, values = self._forward_loss_and_penalties(x, y, sample_weight, training=True)
+            self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x))
+            if self.optimizer is not None:
+                loss = self.optimizer.scale_loss(loss)
+        trainable_weights = self.trainable_weights
+        if trainable_weights:
+            gradients = tape.gradient(loss, trainable_weights)
+            self.optimizer.apply_gradients(zip(gradients, trainable_weights))
+        self._update_penalty_metrics(values)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred, loss, values = self._forward_loss_and_penalties(x, y, sample_weight, training=False)
+        self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x))
+        self._update_penalty_metrics(values)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

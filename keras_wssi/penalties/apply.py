@@ -6,7 +6,7 @@ the wrapper's penalties (the same forward pass, products, state updates and stre
 
 import collections
 
-import tensorflow as tf
+import keras
 
 from keras_wssi import backend
 from keras_wssi.context import PenaltyContext
@@ -84,11 +84,11 @@ def penalty_loss(model, penalties, x, y=None, sample_weight=None, training=True)
     else:
         y_pred = model(x, training=training)
     context = PenaltyContext(model, x, y, sample_weight, y_pred, training, input_jacobian=input_jacobian)
-    total = tf.zeros([], tf.float32)
+    total = keras.ops.zeros([], "float32")
     values = {}
     for penalty in penalties:
         value = penalty(context)
         values[penalty.name] = value
         if penalty.trains:
-            total += tf.cast(penalty.strength_variable, tf.float32) * value
+            total += keras.ops.cast(penalty.strength_variable, "float32") * value
     return PenaltyLoss(total, values, y_pred)

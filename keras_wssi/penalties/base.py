@@ -19,7 +19,6 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_wssi import backend
 from keras_wssi import validation
@@ -35,6 +34,10 @@ __all__ = [
     "register_penalty",
     "registered_penalties",
 ]
+
+# The dtype of random-draw seeds and counters: int64 on TensorFlow; JAX runs in 32-bit mode by default (seeds
+# are below 2**31 and the counter advances once per step).
+SEED_DTYPE = "int64" if backend.BACKEND == "tensorflow" else "int32"
 
 # What a penalty can declare in `requires`.
 REQUIREMENTS = frozenset({"weights", "inputs", "labels", "logits", "input_jacobian"})
@@ -120,7 +123,7 @@ class Penalty:
     @property
     def strength(self):
         """λ, a Python float (read from its variable once the penalty is built)."""
-        if self._strength_variable is not None and tf.executing_eagerly():
+        if self._strength_variable is not None and not backend.is_traced(self._strength_variable):
             value = float(keras.ops.convert_to_numpy(self._strength_variable))
             # The variable is float32: report the value as given while it is unchanged (configs stay exact).
             if value != float(np.float32(self._strength)):
@@ -162,7 +165,7 @@ class Penalty:
             initializer = lambda shape, dtype=None: function(shape, dtype)  # noqa: E731
         elif isinstance(initializer, np.ndarray):
             value = initializer
-            initializer = lambda shape, dtype=None: tf.constant(value, dtype=dtype)  # noqa: E731
+            initializer = lambda shape, dtype=None: keras.ops.convert_to_tensor(value, dtype=dtype)  # noqa: E731
         return self.state.add_state(name, shape, initializer, dtype=dtype)
 
     def build(self, model):
@@ -171,7 +174,7 @@ class Penalty:
         if self._strength_variable is None:
             value = self._strength
             self._strength_variable = self.add_state(
-                "strength", (), lambda shape, dtype=None: tf.constant(value, dtype=dtype or "float32")
+                "strength", (), lambda shape, dtype=None: keras.ops.convert_to_tensor(value, dtype=dtype or "float32")
             )
         self._model = model
         self.built = True
@@ -191,7 +194,7 @@ class Penalty:
     def __call__(self, context):
         if not self.built:
             self.build(context.model)
-        return tf.cast(self.call(context), tf.float32)
+        return keras.ops.cast(self.call(context), "float32")
 
     def get_config(self):
         return {"strength": self.strength, "name": self.name}
@@ -226,7 +229,7 @@ class RandomDirections(Penalty):
         if self._seed_state is None:
             seed = self.seed if self.seed is not None else random.randint(1, 2**31 - 1)
             self._seed_state = self.add_state(
-                "seed", (2,), lambda shape, dtype=None: tf.constant([seed, 0], dtype=dtype or "int64"), dtype="int64"
+                "seed", (2,), lambda shape, dtype=None: keras.ops.convert_to_tensor([seed, 0], dtype=dtype), dtype=SEED_DTYPE
             )
         super().build(model)
 
@@ -234,10 +237,11 @@ class RandomDirections(Penalty):
         """Standard normal draws of `shape` for this step (advances the counter)."""
         counter = self._seed_state.value
         seed = counter
-        if tf.distribute.has_strategy():  # Decided at trace time: no extra ops on a single device.
-            seed = counter + tf.stack([tf.constant(0, tf.int64), tf.cast(backend.replica_id(), tf.int64) * (2**32)])
+        if backend.distributed():  # Decided at trace time: no extra ops on a single device.
+            offset = keras.ops.cast(backend.replica_id(), SEED_DTYPE) * (2**32)
+            seed = counter + keras.ops.stack([keras.ops.zeros((), SEED_DTYPE), offset])
         draw = backend.stateless_normal(shape, seed)
-        self._seed_state.assign_add(tf.constant([0, 1], tf.int64))
+        self._seed_state.assign_add(keras.ops.convert_to_tensor([0, 1], SEED_DTYPE))
         return draw
 
 
