@@ -5,8 +5,10 @@ one kernel, so `Σ_layers` of them equals the model-level penalty of the same na
 """
 
 import keras
-import tensorflow as tf
+import numpy as np
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import linalg
 from keras_wssi import validation
 
@@ -29,13 +31,13 @@ class LpDecay(keras.Regularizer):
         self.p = validation.finite_float(p, "p", minimum=1.0)
 
     def __call__(self, x):
-        x = tf.cast(x, tf.float32)
+        x = ops.cast(x, "float32")
         if self.p == 2.0:
-            term = tf.reduce_sum(tf.square(x))
+            term = ops.sum(ops.square(x))
         elif self.p == 1.0:
-            term = tf.reduce_sum(tf.abs(x))
+            term = ops.sum(ops.abs(x))
         else:
-            term = tf.reduce_sum(tf.pow(tf.abs(x), self.p))
+            term = ops.sum(ops.power(ops.abs(x), self.p))
         return self.strength * term
 
     def get_config(self):
@@ -68,8 +70,8 @@ class LogNorm(keras.Regularizer):
         self.epsilon = validation.positive_float(epsilon, "epsilon")
 
     def __call__(self, x):
-        value, _ = linalg.matrix_norm(tf.cast(x, tf.float32), self.norm, epsilon=self.epsilon)
-        return self.strength * tf.math.log(value + self.epsilon)
+        value, _ = linalg.matrix_norm(ops.cast(x, "float32"), self.norm, epsilon=self.epsilon)
+        return self.strength * ops.log(value + self.epsilon)
 
     def get_config(self):
         return {"strength": self.strength, "norm": self.norm, "epsilon": self.epsilon}
@@ -84,8 +86,8 @@ class DirectionL1(keras.Regularizer):
         self.epsilon = float(epsilon)
 
     def __call__(self, x):
-        x = tf.cast(x, tf.float32)
-        return self.strength * tf.reduce_sum(tf.abs(x)) / linalg.safe_norm(x, epsilon=self.epsilon)
+        x = ops.cast(x, "float32")
+        return self.strength * ops.sum(ops.abs(x)) / linalg.safe_norm(x, epsilon=self.epsilon)
 
     def get_config(self):
         return {"strength": self.strength, "epsilon": self.epsilon}
@@ -100,12 +102,24 @@ class SpectralNormRegularizer(keras.Regularizer):
     steps (warm start), gradient `σ u vᵀ` (envelope theorem). Dense kernels, and convolution kernels reshaped to
     `(k_h k_w C_in, C_out)` as in the paper; with `conv_input_shape=(H, W, C_in)` a 2-D convolution kernel is
     instead measured by the true operator norm of the convolution on that input shape (power iteration through
-    `conv2d` and `conv2d_transpose`, with `strides` and `padding`).
+    the convolution and its adjoint, with `strides` and `padding`).
 
     The power-iteration vector is a non-trainable variable per kernel, created the first time the regularizer
-    sees the kernel, lifted out of any `tf.function` (`tf.init_scope`), so it also works when Keras first calls
-    the regularizer inside a traced or XLA-compiled `train_step`. Use one instance per layer. The model-level
-    equivalent, which also reads each convolution's input shape, strides and padding from the model, is
+    sees the kernel. On TensorFlow it is lifted out of any `tf.function` (`tf.init_scope`), so it also works when
+    Keras first calls the regularizer inside a traced or XLA-compiled `train_step`, and it is warm-started
+    across steps. Use one instance per layer.
+
+    **On JAX** Keras calls the regularizer inside its jitted, stateless train step with the kernel's value, not
+    the variable: a variable cannot be created there, and an update of one that the model does not carry is
+    dropped. The vector therefore persists only across eager calls (e.g. reading `model.losses` outside `fit`,
+    which behave exactly as on TensorFlow). Inside the step the regularizer does not rely on a dropped update:
+    it computes an accurate σ every step — the exact largest singular value (an SVD) of the reshaped kernel,
+    or, for the convolution operator, subspace iteration with a block of 8 vectors run to convergence (relative
+    change of σ below 1e-7, at most 500 rounds) from a fixed start (the kept vector if an eager call made one,
+    plus seeded draws) — with the same envelope-theorem gradient. So on JAX the value under `fit` is σ itself, the value TensorFlow's
+    warm-started estimate converges to within a few steps (the first steps on TensorFlow report
+    under-estimates). The model-level equivalent, whose state is model state on every backend and which also
+    reads each convolution's input shape, strides and padding from the model, is
     `keras_wssi.penalties.LayerwiseSpectralNorm`.
 
     Args:
@@ -122,6 +136,12 @@ class SpectralNormRegularizer(keras.Regularizer):
     ```
     """
 
+    # The convolution operator's subspace iteration inside a JAX step: a block of `_BLOCK` vectors, stopped when
+    # σ changes by less than `_TOLERANCE` (relative) in a round, or after `_MAX_ROUNDS` rounds.
+    _BLOCK = 8
+    _TOLERANCE = 1e-7
+    _MAX_ROUNDS = 500
+
     def __init__(self, strength=0.01, iterations=1, conv_input_shape=None, strides=1, padding="same"):
         self.strength = validation.strength(strength)
         iterations = validation.positive_int(iterations, "iterations")
@@ -137,35 +157,108 @@ class SpectralNormRegularizer(keras.Regularizer):
         self.padding = padding.lower()
         self._states = {}
 
+    @staticmethod
+    def _key(kernel):
+        return getattr(kernel, "path", None) or id(kernel)
+
     def _state_for(self, kernel, shape):
-        key = getattr(kernel, "path", None) or id(kernel)
+        key = self._key(kernel)
         state = self._states.get(key)
         if state is None:
             # Lifted to the eager context: the first call may happen while Keras traces the train step.
-            with tf.init_scope():
+            with backend.eager_scope():
                 initial = linalg.random_unit_rows(shape, [len(self._states), 31])
                 state = keras.Variable(initial, trainable=False, name="spectral_norm_u")
             self._states[key] = state
         return state
 
+    def _start(self, kernel, shape):
+        """A start vector without creating or updating state: the kept vector if there is one, else a seeded draw
+        (the draw the state would start from)."""
+        state = self._states.get(self._key(kernel))
+        if state is not None:
+            return ops.convert_to_tensor(state.value)
+        return ops.convert_to_tensor(linalg.random_unit_rows(shape, [len(self._states), 31]))
+
     def __call__(self, x):
-        kernel = tf.cast(x, tf.float32)
+        kernel = ops.cast(x, "float32")
+        persistent = backend.variable_updates_persist(x)
         if self.conv_input_shape is not None:
-            if kernel.shape.rank != 4:
+            if len(kernel.shape) != 4:
                 raise ValueError(
-                    f"conv_input_shape is for 2-D convolution kernels (rank 4), got a kernel of shape {kernel.shape}."
+                    f"conv_input_shape is for 2-D convolution kernels (rank 4), got a kernel of shape {tuple(kernel.shape)}."
                 )
-            state = self._state_for(x, (1, *self.conv_input_shape))
+            shape = (1, *self.conv_input_shape)
+            if not persistent:
+                return 0.5 * self.strength * ops.square(self._converged_conv_norm(kernel, self._start(x, shape)))
+            state = self._state_for(x, shape)
             new_u, sigma = linalg.conv2d_operator_norm(
                 kernel, state, strides=self.strides, padding=self.padding, iterations=self.iterations
             )
         else:
             matrices = linalg.kernel_matrices(kernel, "dense")
+            if not persistent:
+                return 0.5 * self.strength * ops.square(_exact_spectral_norm(matrices))
             state = self._state_for(x, tuple(matrices.shape[:2]))
             new_u, _, sigma_batch = linalg.power_iteration(matrices, state, iterations=self.iterations)
-            sigma = tf.reduce_max(sigma_batch)
+            sigma = ops.max(sigma_batch)
         state.assign(new_u)
-        return 0.5 * self.strength * tf.square(sigma)
+        return 0.5 * self.strength * ops.square(sigma)
+
+    def _converged_conv_norm(self, kernel, start):
+        """σ of `h ↦ conv(h, kernel)` by subspace iteration to convergence; differentiable through the kernel only
+        (`σ = vᵀ conv(u)` at the converged top singular vectors held constant).
+
+        A block of `_BLOCK` vectors (the first is `start`, the others seeded draws) is iterated with `AᵀA` and
+        re-orthonormalized; the Rayleigh–Ritz value of the block converges like `(σ_{k+1}/σ_1)^{2i}`, so it is
+        also accurate when the top singular values are close (where single-vector power iteration crawls).
+        """
+        held = ops.stop_gradient(kernel)
+        strides, padding = self.strides, self.padding
+        in_shape = tuple(start.shape[1:])
+        size = int(np.prod(in_shape))
+        block = min(self._BLOCK, size)
+
+        def conv(h, k):
+            return ops.conv(h, k, strides, padding, data_format="channels_last")
+
+        def flat(t):
+            return ops.reshape(t, (ops.shape(t)[0], -1))
+
+        def ritz(q):
+            # q: (block, d) orthonormal rows. The top singular value and right vector of A restricted to span(q).
+            images = flat(conv(ops.reshape(q, (block, *in_shape)), held))  # (block, m)
+            values, vectors = ops.eigh(ops.matmul(images, ops.transpose(images)))  # ascending
+            return ops.sqrt(ops.maximum(values[-1], 0.0)), vectors[:, -1], images
+
+        def orthonormal(rows):
+            q, _ = ops.qr(ops.transpose(rows))  # (d, block)
+            return ops.transpose(q)
+
+        def step(q):
+            images = conv(ops.reshape(q, (block, *in_shape)), held)
+            _, pullback = backend.vjp(lambda h: conv(h, held), ops.zeros((block, *in_shape), "float32"))
+            return orthonormal(flat(pullback(images)[0]))
+
+        def keep_going(i, q, sigma, previous):
+            changing = ops.abs(sigma - previous) > self._TOLERANCE * ops.abs(sigma)
+            return ops.logical_and(i < self._MAX_ROUNDS, changing)
+
+        def body(i, q, sigma, previous):
+            q = step(q)
+            return i + 1, q, ritz(q)[0], sigma
+
+        seeds = linalg.random_unit_rows((block, size), [block, 37])
+        rows = ops.concatenate([ops.reshape(ops.cast(start, "float32"), (1, size)), ops.convert_to_tensor(seeds[1:])], 0)
+        q = ops.stop_gradient(orthonormal(rows))
+        sigma = ritz(q)[0]
+        _, q, _, _ = ops.while_loop(keep_going, body, (ops.convert_to_tensor(0, "int32"), q, sigma, sigma * 0.0 - 1.0))
+        _, coefficients, _ = ritz(q)
+        u = ops.stop_gradient(ops.reshape(ops.matmul(coefficients[None, :], q), (1, *in_shape)))
+        u = u / linalg.safe_norm(u)
+        v = ops.stop_gradient(conv(u, held))
+        v = v / linalg.safe_norm(v)
+        return ops.sum(v * conv(u, kernel))
 
     def get_config(self):
         return {
@@ -175,3 +268,11 @@ class SpectralNormRegularizer(keras.Regularizer):
             "strides": self.strides,
             "padding": self.padding,
         }
+
+
+def _exact_spectral_norm(matrices):
+    """The largest singular value over a batch of matrices `(B, m, n)` from an SVD, differentiable as `uᵀ W v`
+    with the top singular vectors held constant (the gradient `u vᵀ`, as power iteration's)."""
+    u, _, vh = ops.svd(ops.stop_gradient(matrices), full_matrices=False)
+    u, v = ops.stop_gradient(u[..., :, 0]), ops.stop_gradient(vh[..., 0, :])
+    return ops.max(ops.einsum("bm,bmn,bn->b", u, matrices, v))
