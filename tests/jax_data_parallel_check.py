@@ -12,10 +12,24 @@ import json
 import os
 import sys
 
-os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
+
+
+def build_model():
+    """The seeded model both runs start from: a small CNN with a Dense head."""
+    import keras
+
+    import keras_wssi as kw
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(16, activation="tanh")(h)
+    return kw.Model(inputs, keras.layers.Dense(10)(h))
 
 
 def main(argv):
@@ -26,8 +40,6 @@ def main(argv):
     if "process" in options:
         keras.distribution.initialize(f"127.0.0.1:{options['port']}", num_processes=2, process_id=int(options["process"]))
     import jax
-
-    import keras_wssi as kw
 
     rng = np.random.default_rng(0)
     n, local_batch, steps = 256, 16, 8
@@ -48,12 +60,7 @@ def main(argv):
         y_fit = np.concatenate(blocks[1::2])
         batch_size = 2 * local_batch
 
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
-    h = keras.layers.Flatten()(h)
-    h = keras.layers.Dense(16, activation="tanh")(h)
-    model = kw.Model(inputs, keras.layers.Dense(10)(h))
+    model = build_model()
     model.compile(
         keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         regularizers=[] if penalty == "none" else [penalty], jit_compile=True,

@@ -84,16 +84,6 @@ def test_two_processes_match_each_other_and_one_process(tmp_path, penalty):
 
 
 def _initial_weights():
-    # The one-process run with 0 steps would need another process; instead compare with the check script's
-    # seeded initial weights, recomputed here in the same backend.
-    import keras
+    from jax_data_parallel_check import build_model
 
-    import keras_wssi as kw
-
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
-    h = keras.layers.Flatten()(h)
-    h = keras.layers.Dense(16, activation="tanh")(h)
-    model = kw.Model(inputs, keras.layers.Dense(10)(h))
-    return [np.asarray(v.value) for v in model.trainable_variables]
+    return [np.asarray(v.value) for v in build_model().trainable_variables]
