@@ -106,6 +106,10 @@ flags.DEFINE_list(
     "backend", [], "Keras backends to time (tensorflow, jax), each in its own process, printed side by side; default: "
     "the current one ($KERAS_BACKEND).",
 )
+flags.DEFINE_list(
+    "jax_jvp", [], "With --backend including jax: also time JAX with these Jacobian-vector-product modes (transpose: "
+    "the transpose of the step's VJP, the default; forward: jax.jvp, true forward mode), each in its own process.",
+)
 BACKEND = keras.backend.backend()
 
 
@@ -409,16 +413,23 @@ def handwritten_comparison(images, labels, batch_size, steps, rounds):
 def _side_by_side(argv, backends):
     """Runs this script once per backend (each in its own process) and prints their ratios side by side."""
     results = {}
+    runs = []
+    for name in backends:
+        if name == "jax" and FLAGS.jax_jvp:
+            runs += [(f"jax/jvp={mode}", "jax", {"KERAS_WSSI_JAX_JVP": mode}) for mode in FLAGS.jax_jvp]
+        else:
+            runs.append((name, name, {}))
     with tempfile.TemporaryDirectory() as folder:
-        for name in backends:
-            out = os.path.join(folder, f"{name}.json")
-            child = [a for a in argv[1:] if not a.startswith(("--backend", "--json_out", "--handwritten", "--spectral_error"))]
+        for label, name, extra_environment in runs:
+            out = os.path.join(folder, f"{label.replace('/', '_')}.json")
+            child = [a for a in argv[1:] if not a.startswith(("--backend", "--json_out", "--handwritten", "--spectral_error", "--jax_jvp"))]
             command = [sys.executable, os.path.abspath(__file__), *child, f"--backend={name}", f"--json_out={out}",
                        "--handwritten=skip", "--spectral_error=skip"]
-            print(f"--- {name} ---", flush=True)
-            subprocess.run(command, env=dict(os.environ, KERAS_BACKEND=name), check=True)
+            print(f"--- {label} ---", flush=True)
+            subprocess.run(command, env=dict(os.environ, KERAS_BACKEND=name, **extra_environment), check=True)
             with open(out) as handle:
-                results[name] = json.load(handle)
+                results[label] = json.load(handle)
+    backends = [label for label, _, _ in runs]
     print("\nside by side (fastest round's per-step time; ratio = penalty step / plain step, same backend):")
     header = "".join(f"  {name + ' plain ms':>18s} {name + ' ratio':>16s}" for name in backends)
     print(f"{'setting':20s} {'case':40s}{header}")

@@ -235,9 +235,10 @@ def test_penalty_loss_in_a_custom_loop_equals_the_train_step(name):
     if BACKEND == "jax":
         import jax
 
-        # Build the penalties (their state) eagerly, then differentiate a stateless loss of the weights.
+        # Build the penalties (their state) eagerly, then differentiate a stateless loss of the weights; the
+        # penalties' own variables are state too (an uncompiled model does not track them).
         kw.penalty_loss(custom, penalties, x[:1], y[:1], training=False)
-        state = custom.non_trainable_variables
+        state = custom.non_trainable_variables + [v for p in penalties for v in p.variables]
 
         def loss_fn(values, state_values):
             mapping = list(zip(variables, values)) + list(zip(state, state_values))
