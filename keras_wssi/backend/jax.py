@@ -247,3 +247,25 @@ class Trainer:
             with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, optimizer_variables))):
                 loss = self.optimizer.scale_loss(loss)
         return loss, (unscaled_loss, y_pred, non_trainable_variables, metrics_variables)
+
+
+def eager_scope():
+    """A no-op context: a JAX trace cannot be left, so state cannot be created inside one (see
+    `variable_updates_persist`)."""
+    return contextlib.nullcontext()
+
+
+def variable_updates_persist(x=None):
+    """Whether an `assign` made now to a variable that the surrounding step does not carry (e.g. a regularizer's
+    own state) takes effect: only outside JAX transformations and outside a `keras.StatelessScope` (Keras's JAX
+    train step runs in one and keeps only the updates of the model's variables). `x`: a value the caller is
+    handed (a tracer means a transformation is under way)."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return not is_traced(x) and not in_stateless_scope()
+
+
+def supports_float64():
+    """Whether float64 is available: only with `jax_enable_x64` (off by default; float64 requests then give
+    float32)."""
+    return bool(jax.config.jax_enable_x64)
