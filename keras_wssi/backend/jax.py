@@ -232,3 +232,8 @@ class Trainer:
             with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, optimizer_variables))):
                 loss = self.optimizer.scale_loss(loss)
         return loss, (unscaled_loss, y_pred, non_trainable_variables, metrics_variables)
+
+
+def accelerators():
+    """The accelerator kinds JAX sees (`["GPU"]`, `["TPU"]` or `[]`)."""
+    return sorted({"TPU" if d.platform == "tpu" else "GPU" for d in jax.devices() if d.platform != "cpu"})

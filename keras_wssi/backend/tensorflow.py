@@ -193,3 +193,8 @@ class Trainer:
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=self._batch_size(x))
         self._update_penalty_metrics(values)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def accelerators():
+    """The accelerator kinds TensorFlow sees (`["GPU"]`, `["TPU"]`, … or `[]`), without allocating device memory."""
+    return sorted({d.device_type for d in tf.config.list_physical_devices() if d.device_type in ("GPU", "TPU")})
