@@ -773,6 +773,24 @@ class ResumableBackup(keras.callbacks.Callback):
         epoch = int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
         return config.decode() if isinstance(config, bytes) else str(config), epoch
 
+    def _check_format(self, prefix):
+        """Refuses (never deletes) a backup in the other backend's format: TensorFlow's checkpoint bundle, or the
+        JSON-indexed arrays written on JAX."""
+        try:
+            with open(prefix + ".index", "rb") as handle:
+                head = handle.read(1)
+        except OSError:
+            return
+        if not head:
+            return  # An empty index is a damaged backup: the reader reports it.
+        written = "jax" if head == b"{" else "tensorflow"
+        ours = "tensorflow" if backend.BACKEND == "tensorflow" else "jax"
+        if written != ours:
+            raise BackupMismatchError(
+                f"The backup {prefix} was written on the {written} backend and this run uses {backend.BACKEND}: resume "
+                f"it with KERAS_BACKEND={written}, or remove {self.backup_dir} to start over."
+            )
+
     def _mismatch_message(self, stored):
         try:
             old, new = json.loads(stored), json.loads(self.config_json)
@@ -806,6 +824,7 @@ class ResumableBackup(keras.callbacks.Callback):
                     f"({os.path.basename(candidates[0]) if candidates else 'none'}); using the folder's backups."
                 )
         for index, prefix in enumerate(candidates):
+            self._check_format(prefix)
             try:
                 stored_config, epoch = self._read_all(prefix)
             except _UNREADABLE as error:
