@@ -269,3 +269,8 @@ def supports_float64():
     """Whether float64 is available: only with `jax_enable_x64` (off by default; float64 requests then give
     float32)."""
     return bool(jax.config.jax_enable_x64)
+
+
+def accelerators():
+    """The accelerator kinds JAX sees (`["GPU"]`, `["TPU"]` or `[]`)."""
+    return sorted({"TPU" if d.platform == "tpu" else "GPU" for d in jax.devices() if d.platform != "cpu"})
