@@ -46,6 +46,7 @@ __all__ = [
     "eager_scope",
     "variable_updates_persist",
     "supports_float64",
+    "accelerators",
 ]
 
 BACKEND = keras.backend.backend()
@@ -69,6 +70,7 @@ if BACKEND == "tensorflow":
     from keras_wssi.backend.tensorflow import eager_scope
     from keras_wssi.backend.tensorflow import variable_updates_persist
     from keras_wssi.backend.tensorflow import supports_float64
+    from keras_wssi.backend.tensorflow import accelerators
 elif BACKEND == "jax":
     from keras_wssi.backend.jax import InputJacobian
     from keras_wssi.backend.jax import Trainer
@@ -87,6 +89,7 @@ elif BACKEND == "jax":
     from keras_wssi.backend.jax import eager_scope
     from keras_wssi.backend.jax import variable_updates_persist
     from keras_wssi.backend.jax import supports_float64
+    from keras_wssi.backend.jax import accelerators
 else:
 
     def _unsupported(*args, **kwargs):
@@ -108,3 +111,4 @@ else:
     scale_loss_for_distribution = stateless_normal = stateless_uniform = unscale_loss_for_distribution = _unsupported
     function = grad = vjp = is_traced = state_creation_scope = _unsupported
     eager_scope = variable_updates_persist = supports_float64 = _unsupported
+    accelerators = _unsupported

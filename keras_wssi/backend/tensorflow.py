@@ -210,3 +210,8 @@ def variable_updates_persist(x=None):
 def supports_float64():
     """True: TensorFlow computes in float64 when asked."""
     return True
+
+
+def accelerators():
+    """The accelerator kinds TensorFlow sees (`["GPU"]`, `["TPU"]`, … or `[]`), without allocating device memory."""
+    return sorted({d.device_type for d in tf.config.list_physical_devices() if d.device_type in ("GPU", "TPU")})
