@@ -481,35 +481,64 @@ def _max_pool(h, op, pool=None):
     return ops.max_pool(h, pool or op.params["pool_size"], op.params["strides"], _padding(op), data_format="channels_last")
 
 
+def _window_selection(center, op):
+    """`select(h)`: per pooling window, `h` at the window's arg-max `j*` of `center` `(B, H, W, C)` (the first
+    maximum in row-major order within the window, padding never chosen, as `tf.nn.max_pool_with_argmax`). It is
+    linear in `h`, which may carry extra leading axes `(…, H, W, C)`; its VJP routes coefficients to `j*`.
+
+    One explicit choice, independent of how a backend breaks ties in its max-pool derivatives, so the arg-max
+    read (`l_{j*}`), the masked competitors and the routed coefficients always agree.
+    """
+    (ph, pw), (sh, sw) = op.params["pool_size"], op.params["strides"]
+    height, width = int(center.shape[1]), int(center.shape[2])
+    if _padding(op) == "same":
+        out_h, out_w = -(-height // sh), -(-width // sw)
+        pad_h, pad_w = max((out_h - 1) * sh + ph - height, 0), max((out_w - 1) * sw + pw - width, 0)
+    else:
+        out_h, out_w = (height - ph) // sh + 1, (width - pw) // sw + 1
+        pad_h = pad_w = 0
+    padding = [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]]
+
+    def windows(h, fill):
+        """`(…, H', W', C, k_h k_w)`: the element at each offset of every window."""
+        lead = len(h.shape) - 3
+        padded = ops.pad(h, [[0, 0]] * lead + padding, constant_values=fill)
+        return ops.stack(
+            [padded[..., a : a + sh * (out_h - 1) + 1 : sh, b : b + sw * (out_w - 1) + 1 : sw, :]
+             for a in range(ph) for b in range(pw)],
+            axis=-1,
+        )
+
+    choice = ops.one_hot(ops.argmax(windows(center, -np.inf), axis=-1), ph * pw, dtype=center.dtype)
+
+    def select(h):
+        chosen = choice
+        for _ in range(len(h.shape) - 4):
+            chosen = chosen[:, None]
+        return ops.sum(windows(h, 0.0) * chosen, axis=-1)
+
+    return select
+
+
 def _max_pool_backward(op, lam, lower, upper, clean):
     """Max-pool relaxation: `z_{j*} ≤ max_window z ≤ z_{j*} + max(0, max_{j≠j*} u_j − l_{j*})`, j* the
-    arg-max at the box centre. Returns the coefficients on the pool's input and the offsets `Λ⁻ · gap`.
-
-    The arg-max routing is the derivative of the pool at the centre (the first maximum of each window, on every
-    backend): its VJP sends each window's coefficient to j*, and its JVP reads `l_{j*}`.
-    """
+    arg-max at the box centre. Returns the coefficients on the pool's input and the offsets `Λ⁻ · gap`."""
     pool, strides = op.params["pool_size"], op.params["strides"]
-    center = ops.stop_gradient((lower + upper) / 2.0)
-    pooled, pullback = backend.vjp(lambda h: _max_pool(h, op), center)
-    # The JVP `t ↦ t_{j*}` per window, as the VJP of the (linear) pullback.
-    _, select = backend.vjp(lambda c: pullback(c)[0], ops.zeros_like(pooled))
-    lower_selected = select(lower)[0]
+    select = _window_selection(ops.stop_gradient((lower + upper) / 2.0), op)
+    lower_selected = select(lower)
     if any(s < p for s, p in zip(strides, pool)):
         # Overlapping windows: an arg-max of one window may be a competitor in another; keep it (sound).
         others = _max_pool(upper, op)
     else:
-        selected = ops.stop_gradient(pullback(ops.ones_like(pooled))[0])
+        _, route = backend.vjp(select, ops.zeros_like(upper))
+        selected = ops.stop_gradient(route(ops.ones_like(lower_selected))[0])
         masked = ops.where(selected > 0, ops.full_like(upper, -np.inf), upper)
         others = _max_pool(masked, op)
     gap = ops.relu(others - lower_selected)  # (B, H', W', C); a one-element window gives relu(−∞) = 0.
     offsets = ops.minimum(lam, 0.0) * gap[:, None]
-    # Every spec's coefficients routed at once: the pool acts per channel, so specs are stacked as channels.
-    specs, channels = lam.shape[1], lam.shape[-1]
-    out_shape, in_shape = tuple(lam.shape[2:4]), tuple(clean.shape[1:3])
-    stacked = ops.reshape(ops.transpose(lam, (0, 2, 3, 1, 4)), (-1, *out_shape, specs * channels))
-    _, routed = backend.vjp(lambda h: _max_pool(h, op), ops.tile(center, (1, 1, 1, specs)))
-    back = ops.reshape(routed(stacked)[0], (-1, *in_shape, specs, channels))
-    return ops.transpose(back, (0, 3, 1, 2, 4)), offsets
+    zeros = ops.zeros((ops.shape(lam)[0], lam.shape[1], *clean.shape[1:]), lam.dtype)
+    _, route_specs = backend.vjp(select, zeros)
+    return route_specs(lam)[0], offsets
 
 
 def _forward_dense(lower, upper, kernel, bias, eps, budget):
