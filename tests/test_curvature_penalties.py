@@ -5,7 +5,7 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 import keras_wssi as kw
 from keras_wssi import penalties as P
@@ -52,14 +52,16 @@ def test_gradient_matches_finite_differences(power):
     model = relu_mlp(hidden=(10, 10), classes=4)
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(5, 6)), rng.integers(0, 4, size=5)
-    _directional_derivative_check(model, P.CURE(h=0.2, power=power), x, y, step=1e-5)
+    # float64 models on TensorFlow; on JAX (float32) a larger step keeps rounding out of the central difference.
+    step = 1e-5 if kw.backend.supports_float64() else 1e-4
+    _directional_derivative_check(model, P.CURE(h=0.2, power=power), x, y, step=step)
 
 
 def test_zero_gradient_gives_finite_value_and_gradient():
     inputs = keras.Input((4,), dtype="float64")
     model = kw.Model(inputs, keras.layers.Dense(3, kernel_initializer="zeros", dtype="float64")(inputs))
     value, gradients = evaluate(model, P.CURE(h=0.5), np.ones((2, 4)), np.array([0, 1]), with_gradient=True)
-    assert np.isfinite(value) and all(g is None or np.all(np.isfinite(g.numpy())) for g in gradients)
+    assert np.isfinite(value) and all(g is None or np.all(np.isfinite(np.asarray(g))) for g in gradients)
 
 
 def bn_dropout_model():
@@ -113,7 +115,7 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(TypeError, match="inference_probes"):
         P.CURE(inference_probes="yes")
     inputs = keras.Input((4,), dtype="int32")
-    model = kw.Model(inputs, keras.layers.Dense(3)(keras.layers.Lambda(lambda t: tf.cast(t, "float32"))(inputs)))
+    model = kw.Model(inputs, keras.layers.Dense(3)(keras.layers.Lambda(lambda t: ops.cast(t, "float32"))(inputs)))
     with pytest.raises(TypeError, match="floating point"):
         model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), regularizers=[P.CURE()])
         model.fit(np.zeros((4, 4), "int32"), np.zeros(4, "int64"), verbose=0)
