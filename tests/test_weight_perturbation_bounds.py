@@ -455,3 +455,40 @@ def test_degenerate_inputs_give_clear_errors_or_vacuous_bounds():
     for mode in wp.MODES:  # An astronomically large radius: a vacuous (infinite) bound, never NaN.
         result = wp.certified_margins(model, x, y, 1e300, mode=mode)
         assert not np.isnan(result["bounds"]).any() and not result["certified"].any()
+
+
+def test_compute_dtype_is_float64_where_the_backend_has_it():
+    assert mb.compute_dtype("float32") == "float32"
+    expected = "float64" if backend.supports_float64() else "float32"
+    assert mb.compute_dtype("float64") == expected
+    model = _mlp(4, (5,), 3, seed=7)
+    chain = structure.feedforward_chain(model)
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype("float32")
+    result = mb.bound_margins(chain, x, np.array([0, 1]), [0.01, 0.01], "inf", "interval")  # default dtype: float64
+    assert keras.backend.standardize_dtype(result["lower"].dtype) == expected
+
+
+@pytest.mark.parametrize("strides", [2, 1])
+def test_max_pool_arg_max_is_the_same_compiled_and_eager_under_ties(strides):
+    """ReLU outputs tie at 0 inside pooling windows; the arg-max read, the masked competitors and the routed
+    coefficients use one choice (the first maximum), so the compiled bound (where a backend's max-pool derivative
+    may break ties its own way: XLA's did) equals the eager one."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="conv")(inputs)
+    h = keras.layers.MaxPooling2D(2, strides=strides)(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(6, activation="relu", name="dense")(h)
+    model = kw.Model(inputs, keras.layers.Dense(3, name="logits")(h))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (16, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 16).astype("int32")
+    chain = structure.feedforward_chain(model)
+    radii = [0.01] * 3
+
+    def lower(xt, yt):
+        return mb.bound_margins(chain, xt, yt, radii, "inf", "linear", refine_limit=0, dtype="float32")["lower"]
+
+    eager = np.asarray(lower(x, y))
+    compiled = np.asarray(backend.function(lower, model.variables)(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)))
+    np.testing.assert_allclose(compiled, eager, rtol=2e-6, atol=1e-6)
