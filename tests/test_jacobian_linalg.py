@@ -112,6 +112,20 @@ def test_top_eigenvector_matches_eigh_including_near_degenerate():
     )
 
 
+def test_spectral_norm_squared_keeps_float64_where_the_backend_has_it():
+    # Analysis passes float64 Jacobians: float64 results on TensorFlow; JAX (x64 off by default) computes them in
+    # float32, documented in keras_wssi.linalg, float32-accurate.
+    rng = np.random.default_rng(12)
+    jacobian = rng.normal(size=(5, 4, 30))
+    vector, sigma_squared = linalg.spectral_norm_squared(jacobian)
+    expected = np.linalg.svd(jacobian, compute_uv=False)[:, 0] ** 2
+    dtype = "float64" if backend.supports_float64() else "float32"
+    assert keras.backend.standardize_dtype(sigma_squared.dtype) == dtype
+    assert keras.backend.standardize_dtype(vector.dtype) == dtype
+    np.testing.assert_allclose(ops.convert_to_numpy(sigma_squared), expected, rtol=1e-12 if dtype == "float64" else 1e-5)
+    assert BACKEND != "tensorflow" or dtype == "float64"
+
+
 def _products(model, x):
     xt, logits, jacobian = backend.forward_with_input_jacobian(model, ops.convert_to_tensor(x.astype(FLOAT)), False)
     return PenaltyContext(model, xt, None, None, logits, False, input_jacobian=jacobian)
