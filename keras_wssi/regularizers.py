@@ -116,9 +116,12 @@ class SpectralNormRegularizer(keras.Regularizer):
     it computes an accurate σ every step — the exact largest singular value (an SVD) of the reshaped kernel,
     or, for the convolution operator, subspace iteration with a block of 8 vectors run to convergence (relative
     change of σ below 1e-7, at most 500 rounds) from a fixed start (the kept vector if an eager call made one,
-    plus seeded draws) — with the same envelope-theorem gradient. So on JAX the value under `fit` is σ itself, the value TensorFlow's
-    warm-started estimate converges to within a few steps (the first steps on TensorFlow report
-    under-estimates). The model-level equivalent, whose state is model state on every backend and which also
+    plus seeded draws) — with the same envelope-theorem gradient. So on JAX the value under `fit` is σ itself,
+    the value TensorFlow's warm-started estimate converges to (within a few steps for a clear spectral gap; the
+    first steps on TensorFlow report under-estimates, and close top singular values of a convolution operator
+    can take TensorFlow hundreds of rounds). An eager call on the variable on JAX starts its own vector, as on
+    TensorFlow. Any call inside a `keras.StatelessScope` or a JAX transformation is of the in-step kind. The
+    model-level equivalent, whose state is model state on every backend and which also
     reads each convolution's input shape, strides and padding from the model, is
     `keras_wssi.penalties.LayerwiseSpectralNorm`.
 
