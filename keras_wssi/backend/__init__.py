@@ -43,6 +43,7 @@ __all__ = [
     "stateless_uniform",
     "unscale_loss_for_distribution",
     "vjp",
+    "float64_available",
 ]
 
 BACKEND = keras.backend.backend()
@@ -63,6 +64,7 @@ if BACKEND == "tensorflow":
     from keras_wssi.backend.tensorflow import stateless_uniform
     from keras_wssi.backend.tensorflow import unscale_loss_for_distribution
     from keras_wssi.backend.tensorflow import vjp
+    from keras_wssi.backend.tensorflow import float64_available
 elif BACKEND == "jax":
     from keras_wssi.backend.jax import InputJacobian
     from keras_wssi.backend.jax import Trainer
@@ -78,6 +80,7 @@ elif BACKEND == "jax":
     from keras_wssi.backend.jax import stateless_uniform
     from keras_wssi.backend.jax import unscale_loss_for_distribution
     from keras_wssi.backend.jax import vjp
+    from keras_wssi.backend.jax import float64_available
 else:
 
     def _unsupported(*args, **kwargs):
@@ -98,3 +101,4 @@ else:
     InputJacobian = forward_with_input_jacobian = replica_id = distributed = _unsupported
     scale_loss_for_distribution = stateless_normal = stateless_uniform = unscale_loss_for_distribution = _unsupported
     function = grad = vjp = is_traced = state_creation_scope = _unsupported
+    float64_available = _unsupported

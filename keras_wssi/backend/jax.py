@@ -32,6 +32,7 @@ __all__ = [
     "stateless_uniform",
     "unscale_loss_for_distribution",
     "vjp",
+    "float64_available",
 ]
 
 
@@ -232,3 +233,9 @@ class Trainer:
             with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, optimizer_variables))):
                 loss = self.optimizer.scale_loss(loss)
         return loss, (unscaled_loss, y_pred, non_trainable_variables, metrics_variables)
+
+
+def float64_available():
+    """Whether JAX computes in float64: only with `jax_enable_x64` (`jax.config.update("jax_enable_x64", True)`
+    or `JAX_ENABLE_X64=1`); otherwise every float64 request silently becomes float32."""
+    return bool(jax.config.read("jax_enable_x64"))
