@@ -15,7 +15,7 @@ from keras_wssi.analysis import weight_perturbation as wp
 
 # The certificates compute in float64 (TensorFlow; JAX with jax_enable_x64), else in float32 (JAX by default):
 # comparisons with exact values allow that dtype's round-off.
-ROUND_OFF = 1e-6 if backend.float64_available() else 1e-5
+ROUND_OFF = 1e-6 if backend.supports_float64() else 1e-5
 
 # The references below (perturbed margins, the per-example adversary) are independent float64 code: TensorFlow
 # eager ops and NumPy on NumPy copies of the weights, whatever the Keras backend of the code under test.

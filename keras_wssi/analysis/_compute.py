@@ -20,7 +20,7 @@ def compiled(fn, variables):
 
 def precise_dtype():
     """`"float64"` where the backend computes in float64, else `"float32"` (JAX without `jax_enable_x64`)."""
-    return "float64" if backend.float64_available() else "float32"
+    return "float64" if backend.supports_float64() else "float32"
 
 
 def unique_variables(*groups):
