@@ -27,6 +27,7 @@ import dataclasses
 import math
 import threading
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -500,7 +501,7 @@ def logits_function(model, sample=None, recover_logits=False):
     if not probabilities and sample is not None and len(sample):
         probabilities = _looks_like_probabilities(model(sample[:64], training=False))
     if not probabilities:
-        return (lambda x: model(x, training=False)), ""
+        return _model_logits(model), ""
     if not recover_logits:
         raise EvaluationError(
             f"Model {model.name!r} outputs probabilities (softmax), but attacks need logits: cleverhans's loss is "
@@ -518,6 +519,28 @@ def logits_function(model, sample=None, recover_logits=False):
 
     warnings.warn(f"Model {model.name!r} outputs probabilities; {note}.", stacklevel=2)
     return recovered, note
+
+
+_LOGITS = weakref.WeakKeyDictionary()
+
+
+def _model_logits(model):
+    """`x -> model(x, training=False)`, one function per model (compiled attacks are kept with it, so every runner
+    of the model reuses them); it holds the model weakly."""
+    try:
+        return _LOGITS[model]
+    except (KeyError, TypeError):
+        pass
+    reference = weakref.ref(model)
+
+    def logits(x):
+        return reference()(x, training=False)
+
+    try:
+        _LOGITS[model] = logits
+    except TypeError:
+        pass
+    return logits
 
 
 def _pre_softmax_function(model):
