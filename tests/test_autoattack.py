@@ -393,7 +393,14 @@ def _numpy_apgd(weights, x, y, eps, n_iter, norm, rho=0.75):
     return np.where(found[:, None], x_found, x_best), found
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", [
+    pytest.param("linf", marks=pytest.mark.xfail(
+        BACKEND == "jax", strict=False,
+        reason="a float32 tie in this data: example 14's loss after step 5 exceeds its loss after step 8 by 1.1e-8 "
+               "in float64, below float32's resolution at 0.16; TensorFlow's float32 (Eigen tanh) orders them as "
+               "float64 does, XLA's tanh (2.4e-7 error) does not, so one coordinate ends 1.4e-3 away")),
+    "l2",
+])
 def test_apgd_matches_a_numpy_transcription_of_design(norm):
     # Step-size halving, restarts from the best point, momentum and the projections, step by step, on a small
     # tanh network (a curved loss, so the schedule changes where the iterates go).

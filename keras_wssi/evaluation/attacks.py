@@ -17,6 +17,10 @@ cleverhans 4.0.0's `carlini_wagner_l2` and `spsa` do not run on Keras 3 (Keras-2
 `"cw_l2"` (Carlini & Wagner L2) and `"square"` / `"square_l2"` (Square attack, gradient-free) come from the
 Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`), imported lazily.
 
+On the JAX backend the cleverhans attacks run through `gradient_attacks` (cleverhans.jax where it computes the
+attack as cleverhans.tf2 does, else keras_wssi's keras.ops transcription of cleverhans.tf2), and the ART attacks
+are refused with the compiled replacement named; `Attack.settings()` records the `implementation` and `backend`.
+
 The attacks of the AutoAttack-style ensemble are keras_wssi's own (`library == "keras_wssi"`, computed by
 `keras_wssi/evaluation/compiled_attacks.py`): `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"` (each also
 `"…_l2"`) and `"square_compiled"` (and `"square_compiled_l2"`).

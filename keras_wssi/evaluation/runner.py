@@ -1,4 +1,5 @@
-"""The batched, compiled attack loop: cleverhans's attack traced once into a `tf.function`, run batch by batch.
+"""The batched, compiled attack loop: cleverhans's attack traced once into a `tf.function` (on JAX: `jax.jit` of
+`gradient_attacks.run_batch`), run batch by batch.
 
 One graph per (model, attack, batch size) is traced with `ε`, the restart number and the example indices
 as inputs, so a whole ε-curve over a test set reuses it: no retracing per batch, per ε or for the last
