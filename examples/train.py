@@ -53,11 +53,15 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling).")
 flags.DEFINE_enum(
     "jit_compile", "auto", ["auto", "true", "false"],
-    "XLA for the train step. auto: off under --deterministic (Keras disables XLA under op determinism), off for "
-    "convolutional models on CPU (CNN plain step 53 ms with XLA vs 27 ms without, docs/benchmarks.md), on otherwise "
-    "(dense-only models; GPU/TPU).",
+    "XLA for the train step. auto: on the JAX backend always on (JAX compiles every step with XLA); on TensorFlow off "
+    "under --deterministic (Keras disables XLA under op determinism), off for convolutional models on CPU (CNN plain "
+    "step 53 ms with XLA vs 27 ms without, docs/benchmarks.md), on otherwise (dense-only models; GPU/TPU).",
 )
-flags.DEFINE_boolean("deterministic", False, "Enable TensorFlow deterministic ops (bit-reproducible runs).")
+flags.DEFINE_boolean(
+    "deterministic", False,
+    "Bit-reproducible runs: TensorFlow's deterministic ops (the model on TensorFlow, the tf.data input pipeline on "
+    "every backend); on JAX the compiled CPU step is deterministic already.",
+)
 flags.DEFINE_string("output_dir", "runs/default", "Where checkpoints, logs, the model and metrics go.")
 flags.DEFINE_integer("train_examples", 0, "Use only the first N training examples (0: all).")
 flags.DEFINE_integer("test_examples", 0, "Use only the first N test examples (0: all).")
@@ -134,7 +138,8 @@ def _import_heavy(verbose):
 
         import keras_wssi as kw
 
-        tf.config.list_physical_devices("GPU")  # The device probe, while its messages are discarded.
+        tf.config.list_physical_devices("GPU")  # The device probes, while their messages are discarded.
+        kw.backend.accelerators()
     finally:
         if saved is not None:
             sys.stderr.flush()
@@ -147,10 +152,15 @@ def _import_heavy(verbose):
     return kw, keras, np, tf
 
 
-def resolve_jit_compile(flag, model_name, deterministic, accelerators):
+def resolve_jit_compile(flag, model_name, deterministic, accelerators, backend="tensorflow"):
     """The XLA decision and its reason: `--jit_compile=auto` resolved by the documented rule (`keras_wssi.xla.RULE`;
     of the built-in architectures, CONVOLUTIONAL_MODELS are the ones `keras_wssi.xla.has_convolutions` finds
-    convolutions in — checked by tests/test_xla.py)."""
+    convolutions in — checked by tests/test_xla.py). The rule was measured on TensorFlow; on JAX, `auto` is always
+    on: without `jax.jit` Keras runs the JAX step op by op, and the compiled CPU step is deterministic."""
+    if backend == "jax":
+        if flag == "auto":
+            return True, "on (auto): the JAX backend compiles every step with XLA"
+        return flag == "true", f"{'on' if flag == 'true' else 'off'}: forced by --jit_compile={flag}"
     if deterministic:
         if flag == "true":
             return False, "off: --deterministic (Keras disables XLA under op determinism)"
@@ -226,6 +236,11 @@ def run_config(penalties):
     }
     if FLAGS.lr_schedule == "cosine":  # The schedule's length depends on it; a constant rate may train longer.
         config["epochs"] = FLAGS.epochs
+    import keras  # Already imported by train(); the backend is part of a run (recorded unless the default).
+
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        config["backend"] = backend
     return config
 
 
@@ -283,8 +298,9 @@ def train(output_dir=None):
     keras.utils.set_random_seed(FLAGS.seed)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
-    accelerators = sorted({d.device_type for d in tf.config.list_physical_devices() if d.device_type in ("GPU", "TPU")})
-    jit_compile, jit_reason = resolve_jit_compile(FLAGS.jit_compile, FLAGS.model, FLAGS.deterministic, accelerators)
+    jit_compile, jit_reason = resolve_jit_compile(
+        FLAGS.jit_compile, FLAGS.model, FLAGS.deterministic, kw.backend.accelerators(), backend=kw.backend.BACKEND
+    )
 
     try:
         train_images, train_labels = kw.data.load_arrays(FLAGS.dataset, "train", data_dir=FLAGS.data_dir)
@@ -298,7 +314,7 @@ def train(output_dir=None):
     _say(
         f"{FLAGS.model} on {FLAGS.dataset} ({len(train_images)} train / {len(test_images)} test examples), "
         f"penalties {', '.join(penalty_specs) or 'none'}, {FLAGS.epochs} epochs of batch {FLAGS.batch_size}; "
-        f"XLA {jit_reason}."
+        f"Keras backend {kw.backend.BACKEND}; XLA {jit_reason}."
     )
     _say(f"outputs go to {os.path.abspath(output_dir)} (backup/ lets a killed run resume: rerun the same command).")
 

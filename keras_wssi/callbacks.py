@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_wssi import backend
 from keras_wssi import validation
 from keras_wssi.analysis.slope import slope as measure_slope
 from keras_wssi.labels import class_indices
@@ -292,22 +293,25 @@ def _variable_name(variable):
 
 
 class _FiniteCheck:
-    """One compiled function that reports, per floating-point variable, whether all its entries are finite."""
+    """One compiled function that reports, per floating-point variable, whether all its entries are finite.
+
+    It reads the variables' current values on every call (`keras_wssi.backend.function`); on JAX, callers pass
+    through `Callback.model` first, which writes the step's state back into the variables."""
 
     def __init__(self, variables):
-        self.variables = [v for v in variables if tf.as_dtype(keras.backend.standardize_dtype(v.dtype)).is_floating]
+        self.variables = [v for v in variables if keras.backend.is_float_dtype(keras.backend.standardize_dtype(v.dtype))]
         self.count = len(variables)
 
-        @tf.function(autograph=False)
         def flags():
-            return tf.stack([tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(v))) for v in self.variables])
+            return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in self.variables])
 
-        self._flags = flags
+        # Compiled on JAX (an uncompiled JAX function dispatches op by op); a plain graph on TensorFlow.
+        self._flags = backend.function(flags, variables=self.variables, jit_compile=backend.BACKEND == "jax")
 
     def non_finite(self):
         if not self.variables:
             return []
-        flags = self._flags().numpy()
+        flags = keras.ops.convert_to_numpy(self._flags())
         return [_variable_name(v) for v, ok in zip(self.variables, flags) if not ok]
 
 
@@ -524,6 +528,8 @@ def is_chief(strategy=None):
         model.save("model.keras")
     ```
     """
+    if backend.BACKEND != "tensorflow":  # Multi-worker strategies are tf.distribute's; JAX has one process here.
+        return True
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return True
@@ -534,6 +540,11 @@ def is_chief(strategy=None):
     return task_type == "worker" and task_id == 0 and not has_chief
 
 
+def _strategy(model):
+    """The model's `tf.distribute` strategy (None on JAX, whose models have none)."""
+    return getattr(model, "distribute_strategy", None)
+
+
 class BackupMismatchError(RuntimeError):
     """Raised when a backup was written by a run with a different configuration."""
 
@@ -542,6 +553,109 @@ class BackupMismatchError(RuntimeError):
 # and IndexError for a data file shorter than its index says).
 _UNREADABLE = (tf.errors.OpError, ValueError, KeyError, OSError, IndexError, RuntimeError)
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d+)\.index$")
+_DATA_SUFFIX = ".data-00000-of-00001"
+_ARRAY_FORMAT = "keras_wssi.array_backup.v1"
+_POINTER_LINE = re.compile(r'^\s*([A-Za-z_]+)\s*:\s*"([^"\\]*)"\s*$')
+
+
+def _fsync_directory(path):
+    """Makes a rename in `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _write_atomically(path, payload):
+    """Writes `payload` (bytes) to a temporary file, fsyncs it and renames it to `path`: all of it, or nothing."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class _ArrayBackups:
+    """Backups of plain arrays, for backends whose variables `tf.train.Checkpoint` cannot save (JAX).
+
+    The layout mirrors TensorFlow's: `ckpt-N.data-00000-of-00001` (every array's bytes, in order) and
+    `ckpt-N.index` (JSON: the epoch, logs and configuration, each array's dtype, shape and offset, and the
+    data file's size and SHA-256), plus a `checkpoint` pointer file in TensorFlow's text format. Each file
+    is written to a temporary name, fsynced and renamed; the index is renamed last, so a backup is listed
+    (`ckpt-N.index`) only once its data is complete, and reading one checks the size and checksum of all of it.
+    """
+
+    def __init__(self, directory, max_to_keep):
+        self.directory = directory
+        self.max_to_keep = max_to_keep
+
+    def save(self, number, arrays, meta, on_written):
+        os.makedirs(self.directory, exist_ok=True)
+        prefix = os.path.join(self.directory, f"ckpt-{number}")
+        entries, chunks, offset = [], [], 0
+        for key, array in arrays:
+            array = np.asarray(array)  # tobytes() is C order; ascontiguousarray would make 0-d arrays 1-d.
+            payload = array.tobytes()
+            entries.append({"key": key, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset})
+            chunks.append(payload)
+            offset += len(payload)
+        payload = b"".join(chunks)
+        index = dict(meta, format=_ARRAY_FORMAT, variables=entries, data_size=len(payload),
+                     data_sha256=hashlib.sha256(payload).hexdigest())
+        _write_atomically(prefix + _DATA_SUFFIX, payload)
+        _write_atomically(prefix + ".index", json.dumps(index, sort_keys=True).encode())
+        _fsync_directory(self.directory)
+        on_written()
+        return prefix
+
+    @staticmethod
+    def read(prefix):
+        """`(index, arrays)` of a backup; raises ValueError/OSError when any part of it is missing or damaged."""
+        with open(prefix + ".index", "rb") as handle:
+            index = json.loads(handle.read().decode())
+        if not isinstance(index, dict) or index.get("format") != _ARRAY_FORMAT:
+            raise ValueError(f"{prefix}.index is not a keras_wssi backup index")
+        with open(prefix + _DATA_SUFFIX, "rb") as handle:
+            payload = handle.read()
+        if len(payload) != index["data_size"]:
+            raise ValueError(f"the data file has {len(payload)} bytes, its index promises {index['data_size']}")
+        if hashlib.sha256(payload).hexdigest() != index["data_sha256"]:
+            raise ValueError("the data file's SHA-256 differs from the one its index recorded")
+        arrays = []
+        for entry in index["variables"]:
+            dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
+            count = int(np.prod(shape, dtype=np.int64))
+            array = np.frombuffer(payload, dtype=dtype, count=count, offset=entry["offset"]) if count else np.zeros(0, dtype)
+            arrays.append(array.reshape(shape))
+        return index, arrays
+
+    def write_pointer(self, prefixes):
+        names = [os.path.basename(p) for p in prefixes]
+        lines = [f'model_checkpoint_path: "{names[-1]}"'] + [f'all_model_checkpoint_paths: "{n}"' for n in names]
+        _write_atomically(os.path.join(self.directory, "checkpoint"), ("\n".join(lines) + "\n").encode())
+
+    @staticmethod
+    def read_pointer(directory):
+        """The backup the pointer file names ("" when it names none); ValueError when it does not parse."""
+        with open(os.path.join(directory, "checkpoint"), "rb") as handle:
+            text = handle.read().decode()
+        named = ""
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            match = _POINTER_LINE.match(line)
+            if match is None:
+                raise ValueError(f"line {line[:40]!r} is not a checkpoint-state entry")
+            if match.group(1) == "model_checkpoint_path":
+                named = match.group(2)
+        return named
 
 
 class ResumableBackup(keras.callbacks.Callback):
@@ -611,6 +725,11 @@ class ResumableBackup(keras.callbacks.Callback):
         if model.optimizer is not None and not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
         variables = training_state_variables(model)
+        self._variables = variables
+        self._finite = _FiniteCheck(variables)
+        self._last_read = None
+        if backend.BACKEND != "tensorflow":
+            return  # Plain arrays in `_ArrayBackups` files: tf.train.Checkpoint cannot save JAX arrays.
         # Keyed by position, not by name: Keras numbers layer names per process (dense, dense_1, …), while the
         # order of the variables is fixed by the model and the configuration (which a backup records).
         state = {f"v{index:04d}": v for index, v in enumerate(variables)}
@@ -620,7 +739,6 @@ class ResumableBackup(keras.callbacks.Callback):
             self._logs = tf.Variable("{}", dtype=tf.string, trainable=False, name="backup_logs")
         self._checkpoint = tf.train.Checkpoint(state=state, epoch=self._epoch, config=self._config, logs=self._logs)
         self._checkpoint.save_counter  # Created now (it is lazy), so that reading a backup restores it too.
-        self._finite = _FiniteCheck(variables)
 
     def _listed(self):
         if not os.path.isdir(self.backup_dir):
@@ -642,13 +760,36 @@ class ResumableBackup(keras.callbacks.Callback):
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
     def _read_all(self, prefix):
-        """Reads every tensor of a backup (CRC-checked by TensorFlow); returns the stored config and epoch."""
+        """Reads every tensor of a backup (CRC-checked by TensorFlow; SHA-256-checked on other backends); returns
+        the stored config and epoch."""
+        if backend.BACKEND != "tensorflow":
+            index, arrays = _ArrayBackups.read(prefix)
+            self._last_read = (index, arrays)
+            return str(index["config"]), int(index["epoch"])
         reader = tf.train.load_checkpoint(prefix)
         for key in reader.get_variable_to_shape_map():
             reader.get_tensor(key)
         config = reader.get_tensor("config/.ATTRIBUTES/VARIABLE_VALUE")
         epoch = int(reader.get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"))
         return config.decode() if isinstance(config, bytes) else str(config), epoch
+
+    def _check_format(self, prefix):
+        """Refuses (never deletes) a backup in the other backend's format: TensorFlow's checkpoint bundle, or the
+        JSON-indexed arrays written on JAX."""
+        try:
+            with open(prefix + ".index", "rb") as handle:
+                head = handle.read(1)
+        except OSError:
+            return
+        if not head:
+            return  # An empty index is a damaged backup: the reader reports it.
+        written = "jax" if head == b"{" else "tensorflow"
+        ours = "tensorflow" if backend.BACKEND == "tensorflow" else "jax"
+        if written != ours:
+            raise BackupMismatchError(
+                f"The backup {prefix} was written on the {written} backend and this run uses {backend.BACKEND}: resume "
+                f"it with KERAS_BACKEND={written}, or remove {self.backup_dir} to start over."
+            )
 
     def _mismatch_message(self, stored):
         try:
@@ -662,15 +803,18 @@ class ResumableBackup(keras.callbacks.Callback):
     def _restore(self):
         if not os.path.isdir(self.backup_dir):
             return
-        chief = is_chief(self.model.distribute_strategy)  # Other workers read the backups, never change them.
+        chief = is_chief(_strategy(self.model))  # Other workers read the backups, never change them.
         if chief:
             self._clean_leftovers()
         candidates = self._listed()
         pointer = os.path.join(self.backup_dir, "checkpoint")
         if os.path.exists(pointer):
             try:
-                state = tf.train.get_checkpoint_state(self.backup_dir)
-                named = state.model_checkpoint_path if state is not None else ""
+                if backend.BACKEND == "tensorflow":
+                    state = tf.train.get_checkpoint_state(self.backup_dir)
+                    named = state.model_checkpoint_path if state is not None else ""
+                else:
+                    named = _ArrayBackups.read_pointer(self.backup_dir)
             except Exception as error:  # A text proto that does not parse: tf raises ParseError and friends.
                 named = None
                 self._say(f"the pointer file {pointer} is unreadable ({type(error).__name__}); using the folder's backups.")
@@ -680,6 +824,7 @@ class ResumableBackup(keras.callbacks.Callback):
                     f"({os.path.basename(candidates[0]) if candidates else 'none'}); using the folder's backups."
                 )
         for index, prefix in enumerate(candidates):
+            self._check_format(prefix)
             try:
                 stored_config, epoch = self._read_all(prefix)
             except _UNREADABLE as error:
@@ -696,9 +841,14 @@ class ResumableBackup(keras.callbacks.Callback):
                 if self.on_mismatch == "raise":
                     raise BackupMismatchError(message)
                 self._say(f"{message} Resuming it anyway, as asked.")
-            self._checkpoint.read(prefix).assert_existing_objects_matched()
+            if backend.BACKEND == "tensorflow":
+                self._checkpoint.read(prefix).assert_existing_objects_matched()
+                self.restored_logs = json.loads(self._logs.numpy().decode() or "{}")
+            else:
+                index, arrays = self._last_read
+                self._assign(prefix, arrays)
+                self.restored_logs = dict(index.get("logs") or {})
             self.restored_epoch = epoch
-            self.restored_logs = json.loads(self._logs.numpy().decode() or "{}")
             self.model._initial_epoch = epoch
             self._say(f"resumed from {prefix} after epoch {epoch}.")
             break
@@ -707,7 +857,9 @@ class ResumableBackup(keras.callbacks.Callback):
             if os.path.exists(pointer):
                 os.remove(pointer)
             remaining = list(reversed(self._listed()))
-            if remaining:
+            if remaining and backend.BACKEND != "tensorflow":
+                _ArrayBackups(self.backup_dir, self.max_to_keep).write_pointer(remaining)
+            elif remaining:
                 # Timestamps after `last_preserved_timestamp`, so that the manager counts these backups towards
                 # max_to_keep (it never deletes one older than that mark).
                 now = time.time()
@@ -720,9 +872,23 @@ class ResumableBackup(keras.callbacks.Callback):
         self.restored_epoch = None
         self._build_checkpoint()
         self._restore()
-        self._chief = is_chief(self.model.distribute_strategy)
+        self._chief = is_chief(_strategy(self.model))
         directory = self.backup_dir if self._chief else os.path.join(self.backup_dir, f"_worker_{os.getpid()}")
-        self._manager = tf.train.CheckpointManager(self._checkpoint, directory, max_to_keep=self.max_to_keep)
+        if backend.BACKEND == "tensorflow":
+            self._manager = tf.train.CheckpointManager(self._checkpoint, directory, max_to_keep=self.max_to_keep)
+        else:
+            self._manager = _ArrayBackups(directory, self.max_to_keep)
+
+    def _assign(self, prefix, arrays):
+        """Restores every variable of the run from a backup's arrays (JAX), refusing a backup of other shapes."""
+        variables = self._variables
+        if len(arrays) != len(variables) or any(tuple(a.shape) != tuple(v.shape) for a, v in zip(arrays, variables)):
+            raise ValueError(
+                f"{prefix} holds {len(arrays)} arrays that do not match this run's {len(variables)} variables "
+                "(another model or optimizer): pass a configuration to ResumableBackup, or remove the backup."
+            )
+        for variable, array in zip(variables, arrays):
+            variable.assign(array)
 
     def on_epoch_end(self, epoch, logs=None):
         if not self._chief:
@@ -733,15 +899,36 @@ class ResumableBackup(keras.callbacks.Callback):
                 f"Refusing to write the backup of epoch {epoch + 1}: {', '.join(bad[:3])} hold NaN/Inf. The previous "
                 "backup is kept."
             )
+        scalars = {k: _as_float(v) for k, v in (logs or {}).items() if np.size(v) == 1}
+        if backend.BACKEND != "tensorflow":
+            self._save_arrays(epoch, scalars)
+            return
         self._epoch.assign(epoch + 1)
         self._config.assign(self.config_json)
-        self._logs.assign(json.dumps({k: _as_float(v) for k, v in (logs or {}).items() if np.size(v) == 1}))
+        self._logs.assign(json.dumps(scalars))
         options = tf.train.CheckpointOptions(experimental_write_callbacks=[lambda path: crash_point("backup_written")])
         prefix = self._manager.save(checkpoint_number=epoch + 1, options=options)
         try:
             self._read_all(prefix)
         except _UNREADABLE as error:
             raise OSError(f"The backup {prefix} could not be read back ({error}); the previous one is kept.") from error
+
+    def _save_arrays(self, epoch, scalars):
+        """The JAX backup: written and fsynced, read back and checked, then pointed at; the oldest beyond
+        `max_to_keep` are removed only after that."""
+        arrays = [(f"v{index:04d}", np.asarray(keras.ops.convert_to_numpy(v))) for index, v in enumerate(self._variables)]
+        meta = {"epoch": epoch + 1, "config": self.config_json, "logs": scalars}
+        prefix = self._manager.save(epoch + 1, arrays, meta, on_written=lambda: crash_point("backup_written"))
+        try:
+            _, stored = _ArrayBackups.read(prefix)
+            if any(not np.array_equal(a, b) for (_, a), b in zip(arrays, stored)):
+                raise ValueError("the arrays read back differ from the ones written")
+        except _UNREADABLE as error:
+            raise OSError(f"The backup {prefix} could not be read back ({error}); the previous one is kept.") from error
+        kept = list(reversed(self._listed()))
+        self._manager.write_pointer(kept[-self.max_to_keep:])
+        for old in kept[: -self.max_to_keep]:
+            self._remove_backup(old)
 
     def delete(self):
         """Removes the backups: call it once every output of the run is written."""
@@ -772,13 +959,13 @@ class AtomicWeightsCheckpoint(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         # A run killed while writing leaves only a temporary file behind: remove those, never a checkpoint.
         folder = os.path.dirname(self.filepath) or "."
-        if os.path.isdir(folder) and is_chief(self.model.distribute_strategy):
+        if os.path.isdir(folder) and is_chief(_strategy(self.model)):
             for name in os.listdir(folder):
                 if ".tmp-" in name and name.endswith(".weights.h5"):
                     os.remove(os.path.join(folder, name))
 
     def on_epoch_end(self, epoch, logs=None):
-        if not is_chief(self.model.distribute_strategy):
+        if not is_chief(_strategy(self.model)):
             return
         path = self.filepath.format(epoch=epoch + 1, **(logs or {}))
         check_finite_state(self.model, path)

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_wssi as kw
+from _testing import BACKEND
 from _testing import tf_functions
 from keras_wssi import penalties as P
 from keras_wssi.analysis import slope
@@ -29,6 +30,33 @@ def tiny_cnn(seed=0):
 def data(shape=(4, 4, 1), n=16, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 4, n).astype("int32")
+
+
+def _jitted_functions(function, seen=None):
+    """The `jax.jit` functions behind a Keras JAX train function (searched through its closures)."""
+    seen = set() if seen is None else seen
+    if id(function) in seen:
+        return []
+    seen.add(id(function))
+    if hasattr(function, "_cache_size"):
+        return [function]
+    found = []
+    for cell in getattr(function, "__closure__", None) or ():
+        value = cell.cell_contents
+        if callable(value):
+            found.extend(_jitted_functions(value, seen))
+    return found
+
+
+def assert_traced_once(model, jit_compile):
+    """The train step was traced (compiled) once: a `tf.function` with one concrete function, or a `jax.jit`
+    with one cache entry (an uncompiled JAX step is not traced at all)."""
+    if BACKEND == "tensorflow":
+        functions = tf_functions(model.train_function)
+        assert functions and all(len(f._list_all_concrete_functions()) == 1 for f in functions)
+    elif jit_compile:
+        functions = _jitted_functions(model.train_function)
+        assert functions and all(f._cache_size() == 1 for f in functions)
 
 
 @pytest.mark.parametrize("power", [1, 2])
@@ -59,29 +87,47 @@ def test_exact_penalty_gradient_matches_autodiff_through_the_svd():
     x, y = data()
     penalty = P.SlopePenalty(1.0, power=2)
     penalty.build(model)
-    context = kw.penalties.PenaltyContext(model, tf.constant(x), tf.constant(y), None, model(x), True)
-    with tf.GradientTape() as tape:
-        value = penalty(context)
-    gradients = tape.gradient(value, model.trainable_variables)
+    variables = model.trainable_variables
+
+    def penalty_of(*weights):  # The code under test, on the active backend, as a function of the weights.
+        with keras.StatelessScope(state_mapping=list(zip(variables, weights))):
+            inputs = keras.ops.convert_to_tensor(x)
+            context = kw.penalties.PenaltyContext(model, inputs, keras.ops.convert_to_tensor(y), None, model(inputs), True)
+            return penalty(context)
+
+    weights = [keras.ops.convert_to_tensor(v) for v in variables]
+    value = penalty_of(*weights)
+    gradients = kw.backend.grad(penalty_of, *weights)
+    # The reference: TF eager ops on the same weights as numpy arrays (the MLP written out: flatten, ReLU dense
+    # layers, linear logits), the Jacobian row by row with nested tapes and σ_max from its SVD.
+    reference_weights = [tf.Variable(np.asarray(keras.ops.convert_to_numpy(v))) for v in variables]
+
+    def reference_logits(point):
+        h = tf.reshape(point, [tf.shape(point)[0], -1])
+        for index in range(0, len(reference_weights), 2):
+            h = h @ reference_weights[index] + reference_weights[index + 1]
+            h = tf.nn.relu(h) if index + 2 < len(reference_weights) else h
+        return h
+
     with tf.GradientTape() as tape:
         jacobians = []
         for example in x:
             point = tf.constant(example[None])
             with tf.GradientTape(persistent=True) as inner:
                 inner.watch(point)
-                logits = model(point)
+                logits = reference_logits(point)
                 rows = [logits[0, c] for c in range(4)]
             jacobians.append(tf.stack([tf.reshape(inner.gradient(r, point), [-1]) for r in rows]))
         sigma = tf.linalg.svd(tf.stack(jacobians), compute_uv=False)[:, 0]
         reference = tf.reduce_mean(sigma**2)
-    expected = tape.gradient(reference, model.trainable_variables)
+    expected = tape.gradient(reference, reference_weights)
     assert float(value) == pytest.approx(float(reference), rel=1e-4)
-    for variable, got, want in zip(model.trainable_variables, gradients, expected):
-        # Biases only move the ReLU masks: zero gradient (None on one side or both).
-        got = np.zeros(variable.shape) if got is None else got.numpy()
+    for variable, got, want in zip(variables, gradients, expected):
+        # Biases only move the ReLU masks: zero gradient (None or zeros on one side or both).
+        got = np.zeros(variable.shape) if got is None else np.asarray(keras.ops.convert_to_numpy(got))
         want = np.zeros(variable.shape) if want is None else want.numpy()
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-5)
-    assert np.abs(gradients[0].numpy()).max() > 1e-3
+    assert np.abs(keras.ops.convert_to_numpy(gradients[0])).max() > 1e-3
 
 
 @pytest.mark.parametrize("factory", [tiny_mlp, tiny_cnn], ids=["mlp_exact", "cnn_power_iteration"])
@@ -95,8 +141,7 @@ def test_trains_lowers_slope_and_does_not_retrace(factory, jit_compile):
     history = model.fit(x, y, batch_size=8, epochs=3, verbose=0)
     assert np.all(np.isfinite(history.history["slope"]))
     assert slope(model, x).mean() < before
-    functions = tf_functions(model.train_function)
-    assert functions and all(len(f._list_all_concrete_functions()) == 1 for f in functions)
+    assert_traced_once(model, jit_compile)
 
 
 def test_config_and_keras_round_trip(tmp_path):
@@ -182,3 +227,39 @@ def test_callback_arguments():
         kw.callbacks.SlopeEarlyStopping(x, criterion="loss")
     with pytest.raises(ValueError, match="statistic"):
         kw.callbacks.SlopeEarlyStopping(x, statistic="max")
+
+
+def test_a_strength_set_by_a_callback_reaches_the_next_step():
+    # On JAX the step's state lives outside the variables during an epoch; a callback that goes through
+    # `self.model` (which writes the state back) and assigns the strength must still change the next step's loss.
+    class Squares(kw.penalties.Penalty):
+        default_name = "squares"
+
+        def call(self, context):
+            return keras.ops.mean(keras.ops.square(context.logits))
+
+    class StrengthIsTheBatchIndex(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.model.penalties[0].strength = float(batch)
+
+        def on_train_batch_end(self, batch, logs=None):
+            running.append((float(logs["loss"]), float(logs["squares"])))
+
+    x, y = data(n=8)
+    x, y = np.tile(x, (4, 1, 1, 1)), np.tile(y, 4)  # Four identical batches: only the strength changes.
+    model = tiny_mlp()
+    model.compile(keras.optimizers.SGD(0.0), LOSS, regularizers=[Squares(0.0)], jit_compile=True)
+    running = []
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[StrengthIsTheBatchIndex()])
+    value = running[0][1]
+    # The logged loss is the running mean of data + strength × value with strengths 0, 1, 2, 3.
+    for k, (loss, _) in enumerate(running):
+        assert loss - running[0][0] == pytest.approx(value * k / 2, rel=1e-4), running
+    assert model.penalties[0].strength == 3.0
+
+    warmup = kw.callbacks.PenaltyStrengthScheduler("squares", kw.callbacks.linear_warmup(1.0, 3))
+    history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[warmup])
+    assert history.history["squares_strength"] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    losses = history.history["loss"]
+    assert losses[2] - losses[0] == pytest.approx(value * (1.0 - 1 / 3), rel=1e-4)
+    assert losses[1] - losses[0] == pytest.approx(value * (1 / 3), rel=1e-4)
