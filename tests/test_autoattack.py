@@ -27,9 +27,23 @@ ART_MARGIN = 0.02
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir):
+def trained(data_dir, tmp_path_factory):
     model, x, y = small_trained_mlp(data_dir, N)
-    return model, x, y.astype(np.int32)
+    y = y.astype(np.int32)
+    # ART's oracle numbers (`art_on_tensorflow`): on JAX a TensorFlow subprocess computes them on these weights
+    # while the other tests run (the tests that need them come last).
+    folder = tmp_path_factory.mktemp("art")
+    weights = model.get_weights()
+    np.savez(folder / "model.npz", x=x, y=y, count=len(weights), **{f"w{i}": w for i, w in enumerate(weights)})
+    _ART["folder"] = folder
+    if BACKEND != "tensorflow":
+        env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=os.pathsep.join(sys.path))
+        _ART["process"] = subprocess.Popen(
+            [sys.executable, "-c", _ART_SCRIPT, str(folder / "model.npz"), str(folder / "art.npz")], env=env,
+            stdout=subprocess.DEVNULL, stderr=open(folder / "art.log", "w"))
+    yield model, x, y
+    if _ART.get("process") is not None and _ART["process"].poll() is None:
+        _ART["process"].kill()
 
 
 _ART_SCRIPT = r"""
@@ -64,15 +78,15 @@ np.savez(sys.argv[2], **results)
 """
 
 
+_ART = {}
+
+
 @pytest.fixture(scope="module")
-def art_on_tensorflow(trained, tmp_path_factory):
+def art_on_tensorflow(trained):
     """ART's APGD (20 iterations, ε = 0.1 L∞ / 1.0 L2, on all N examples) and Square (300 queries, the first 100)
-    robust accuracies on the trained model: computed here on TensorFlow, in one TensorFlow subprocess on the same
-    weights when the backend is JAX (ART wraps TensorFlow models only)."""
-    model, x, y = trained
-    folder = tmp_path_factory.mktemp("art")
-    weights = model.get_weights()
-    np.savez(folder / "model.npz", x=x, y=y, count=len(weights), **{f"w{i}": w for i, w in enumerate(weights)})
+    robust accuracies on the trained model: computed here on TensorFlow; on JAX by the TensorFlow subprocess that
+    `trained` started on the same weights (ART wraps TensorFlow models only)."""
+    folder = _ART["folder"]
     if BACKEND == "tensorflow":
         namespace = {"__name__": "art_oracle"}
         sys.argv, argv = ["art", str(folder / "model.npz"), str(folder / "art.npz")], sys.argv
@@ -81,10 +95,8 @@ def art_on_tensorflow(trained, tmp_path_factory):
         finally:
             sys.argv = argv
     else:
-        env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=os.pathsep.join(sys.path))
-        done = subprocess.run([sys.executable, "-c", _ART_SCRIPT, str(folder / "model.npz"),
-                               str(folder / "art.npz")], env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+        _ART["process"].wait(timeout=900)
+        assert _ART["process"].returncode == 0, (folder / "art.log").read_text()[-3000:]
     with np.load(folder / "art.npz") as saved:
         return {key: float(saved[key]) for key in saved.files}
 
@@ -140,26 +152,6 @@ def test_square_window_schedule_shrinks_from_p_init():
 
 
 # -- the attacks on a trained model ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_apgd_is_not_weaker_than_art_and_cleverhans(trained, norm, art_on_tensorflow):
-    # ART wraps TensorFlow models only: on JAX, its APGD runs on the same weights in a TensorFlow subprocess
-    # (`art_on_tensorflow`); cleverhans's PGD is cleverhans.tf2's on TensorFlow, cleverhans.jax's (L∞) on JAX.
-    model, x, y = trained
-    eps, n_iter = EPS[norm], 20
-    suffix = "" if norm == "linf" else "_l2"
-    ours = evaluation.AttackRunner(model, evaluation.get_attack("apgd_ce" + suffix, nb_iter=n_iter), progress=False)
-    ours_accuracy = ours.robust_accuracy(x, y, [eps])["accuracy"][0]
-    art_accuracy = art_on_tensorflow[f"apgd_{norm}"]
-    pgd = evaluation.AttackRunner(model, evaluation.get_attack("pgd" + suffix, nb_iter=n_iter), progress=False)
-    pgd_accuracy = pgd.robust_accuracy(x, y, [eps])["accuracy"][0]
-    clean = evaluation.clean_metrics(model, x, y)["accuracy"]
-    print(f"{norm}: clean {clean:.3f} keras_wssi APGD-CE {ours_accuracy:.3f} ART APGD {art_accuracy:.3f} "
-          f"cleverhans PGD {pgd_accuracy:.3f}")
-    assert ours_accuracy < clean - 0.2  # the attack does something on this weak model
-    assert ours_accuracy <= art_accuracy + ART_MARGIN
-    assert ours_accuracy <= pgd_accuracy + ART_MARGIN
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -302,6 +294,26 @@ def test_fab_finds_the_exact_boundary_of_a_linear_model(norm):
     assert not np.any(ops.convert_to_numpy(correct))
     assert np.all(found >= nearest * (1 - 1e-4))
     assert np.all(found <= to_target * 1.06)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_apgd_is_not_weaker_than_art_and_cleverhans(trained, norm, art_on_tensorflow):
+    # ART wraps TensorFlow models only: on JAX, its APGD runs on the same weights in a TensorFlow subprocess
+    # (`art_on_tensorflow`); cleverhans's PGD is cleverhans.tf2's on TensorFlow, cleverhans.jax's (L∞) on JAX.
+    model, x, y = trained
+    eps, n_iter = EPS[norm], 20
+    suffix = "" if norm == "linf" else "_l2"
+    ours = evaluation.AttackRunner(model, evaluation.get_attack("apgd_ce" + suffix, nb_iter=n_iter), progress=False)
+    ours_accuracy = ours.robust_accuracy(x, y, [eps])["accuracy"][0]
+    art_accuracy = art_on_tensorflow[f"apgd_{norm}"]
+    pgd = evaluation.AttackRunner(model, evaluation.get_attack("pgd" + suffix, nb_iter=n_iter), progress=False)
+    pgd_accuracy = pgd.robust_accuracy(x, y, [eps])["accuracy"][0]
+    clean = evaluation.clean_metrics(model, x, y)["accuracy"]
+    print(f"{norm}: clean {clean:.3f} keras_wssi APGD-CE {ours_accuracy:.3f} ART APGD {art_accuracy:.3f} "
+          f"cleverhans PGD {pgd_accuracy:.3f}")
+    assert ours_accuracy < clean - 0.2  # the attack does something on this weak model
+    assert ours_accuracy <= art_accuracy + ART_MARGIN
+    assert ours_accuracy <= pgd_accuracy + ART_MARGIN
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
