@@ -17,6 +17,10 @@ cleverhans 4.0.0's `carlini_wagner_l2` and `spsa` do not run on Keras 3 (Keras-2
 `"cw_l2"` (Carlini & Wagner L2) and `"square"` / `"square_l2"` (Square attack, gradient-free) come from the
 Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`), imported lazily.
 
+On the JAX backend the cleverhans attacks run through `gradient_attacks` (cleverhans.jax where it computes the
+attack as cleverhans.tf2 does, else keras_wssi's keras.ops transcription of cleverhans.tf2), and the ART attacks
+are refused with the compiled replacement named; `Attack.settings()` records the `implementation` and `backend`.
+
 The attacks of the AutoAttack-style ensemble are keras_wssi's own (`library == "keras_wssi"`, computed by
 `keras_wssi/evaluation/compiled_attacks.py`): `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"` (each also
 `"…_l2"`) and `"square_compiled"` (and `"square_compiled_l2"`).
@@ -27,6 +31,7 @@ import dataclasses
 import math
 import threading
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -500,7 +505,7 @@ def logits_function(model, sample=None, recover_logits=False):
     if not probabilities and sample is not None and len(sample):
         probabilities = _looks_like_probabilities(model(sample[:64], training=False))
     if not probabilities:
-        return (lambda x: model(x, training=False)), ""
+        return _model_logits(model), ""
     if not recover_logits:
         raise EvaluationError(
             f"Model {model.name!r} outputs probabilities (softmax), but attacks need logits: cleverhans's loss is "
@@ -518,6 +523,28 @@ def logits_function(model, sample=None, recover_logits=False):
 
     warnings.warn(f"Model {model.name!r} outputs probabilities; {note}.", stacklevel=2)
     return recovered, note
+
+
+_LOGITS = weakref.WeakKeyDictionary()
+
+
+def _model_logits(model):
+    """`x -> model(x, training=False)`, one function per model (compiled attacks are kept with it, so every runner
+    of the model reuses them); it holds the model weakly."""
+    try:
+        return _LOGITS[model]
+    except (KeyError, TypeError):
+        pass
+    reference = weakref.ref(model)
+
+    def logits(x):
+        return reference()(x, training=False)
+
+    try:
+        _LOGITS[model] = logits
+    except TypeError:
+        pass
+    return logits
 
 
 def _pre_softmax_function(model):

@@ -3,7 +3,9 @@
 On TensorFlow the runner calls cleverhans's own `cleverhans.tf2.attacks` functions. On JAX:
 
 - L∞ FGSM, PGD, BIM and Madry without a custom loss run cleverhans's own JAX functions
-  (`cleverhans.jax.attacks.fast_gradient_method` / `projected_gradient_descent`). cleverhans 4.0.0's JAX package
+  (`cleverhans.jax.attacks.fast_gradient_method` / `projected_gradient_descent`); PGD's Python loop over its body
+  is run as an `ops.fori_loop` over the same body (the same arithmetic; XLA then compiles one iteration, not
+  `nb_iter` unrolled copies, which took seconds per attack on CPU). cleverhans 4.0.0's JAX package
   predates today's JAX in three places, which `_cleverhans_jax` bridges without changing its arithmetic: it imports
   `jax.experimental.stax` (now `jax.example_libraries.stax`), calls `jnp.clip(a_min=, a_max=)` (now `min=`,
   `max=`), and draws PGD's random start with `jnp.random.uniform`, which never existed (the start is drawn here
@@ -39,9 +41,9 @@ _TF2 = {
 }
 _JAX = {
     "fgm": "cleverhans.jax.attacks.fast_gradient_method",
-    "pgd": "cleverhans.jax.attacks.projected_gradient_descent",
-    "bim": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=False)",
-    "madry": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=True)",
+    "pgd": "cleverhans.jax.attacks.projected_gradient_descent (its loop body in a fori_loop)",
+    "bim": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=False; its loop body in a fori_loop)",
+    "madry": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=True; its loop body in a fori_loop)",
 }
 _TRANSCRIPTION = "keras_wssi.evaluation.gradient_attacks.cleverhans_tf2_transcription"
 
@@ -261,12 +263,31 @@ def _cleverhans_jax_batch(attack, model_fn, x, y, eps, indices, key, restart, cl
     rand_init = attack.method == "madry" or (attack.method == "pgd" and attack.rand_init)
     previous = getattr(_RANDOM_START, "state", None)
     _RANDOM_START.state = (x, indices, key, restart)
+    pgd = modules["projected_gradient_descent"].projected_gradient_descent
+    step = _StepSize(eps * attack.eps_iter_ratio())
     try:
-        return modules["projected_gradient_descent"].projected_gradient_descent(
-            model_fn, x, eps, _StepSize(eps * attack.eps_iter_ratio()), int(attack.nb_iter), np.inf,
-            clip_min=clip_min, clip_max=clip_max, y=labels, rand_init=rand_init)
+        # cleverhans.jax's PGD is its start (nb_iter=0) then nb_iter times its own body: a PGD of one iteration
+        # from the current point, with the ball around the original x. The body runs in a fori_loop (XLA compiles
+        # one step instead of nb_iter unrolled copies); `_ball_around` keeps clip_eta centred on x.
+        adv_x = pgd(model_fn, x, eps, step, 0, np.inf, clip_min=clip_min, clip_max=clip_max, y=labels,
+                    rand_init=rand_init)
     finally:
         _RANDOM_START.state = previous
+    fgm = modules["fast_gradient_method"].fast_gradient_method
+    clip_eta = modules["utils"].clip_eta
+    compat = modules["projected_gradient_descent"].np
+
+    def body(_, adv_x):
+        # The lines of cleverhans.jax's loop body (projected_gradient_descent.py), verbatim.
+        adv_x = fgm(model_fn, adv_x, step, np.inf, clip_min=clip_min, clip_max=clip_max, y=labels, targeted=False)
+        eta = adv_x - x
+        eta = clip_eta(eta, np.inf, eps)
+        adv_x = x + eta
+        if clip_min is not None or clip_max is not None:
+            adv_x = compat.clip(adv_x, a_min=clip_min, a_max=clip_max)
+        return adv_x
+
+    return ops.fori_loop(0, int(attack.nb_iter), body, adv_x)
 
 
 def run_batch(attack, model_fn, x, y, indices, eps, key, restart, clip_min, clip_max, num_classes, loss_fn=None):
