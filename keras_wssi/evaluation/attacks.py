@@ -54,6 +54,61 @@ class EvaluationError(ValueError):
     """Raised when a model, data set or setting cannot be evaluated as asked."""
 
 
+
+_TF2 = {
+    "fgm": "cleverhans.tf2.attacks.fast_gradient_method",
+    "pgd": "cleverhans.tf2.attacks.projected_gradient_descent",
+    "bim": "cleverhans.tf2.attacks.basic_iterative_method",
+    "mim": "cleverhans.tf2.attacks.momentum_iterative_method",
+    "madry": "cleverhans.tf2.attacks.madry_et_al",
+}
+_JAX = {
+    "fgm": "cleverhans.jax.attacks.fast_gradient_method",
+    "pgd": "cleverhans.jax.attacks.projected_gradient_descent (its loop body in a fori_loop)",
+    "bim": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=False; its loop body in a fori_loop)",
+    "madry": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=True; its loop body in a fori_loop)",
+}
+_TRANSCRIPTION = "keras_wssi.evaluation.gradient_attacks.cleverhans_tf2_transcription"
+
+# ART attack → keras_wssi's compiled replacement on JAX.
+_ART_REPLACEMENTS = {
+    "cw_l2": "'fab_t_l2' (minimal-L2 FAB-T) or 'apgd_ce_l2'",
+    "square": "'square_compiled' (keras_wssi's compiled Square attack)",
+}
+
+
+def uses_cleverhans_jax(attack):
+    """Whether `attack` runs cleverhans.jax's own function on JAX (L∞ FGM/PGD/BIM/Madry without a custom loss)."""
+    return attack.method in _JAX and attack.norm == "linf" and attack.loss is None
+
+
+def implementation(attack):
+    """The code that computes `attack`'s adversarial examples on the active backend (what reports record)."""
+    if attack.library == "keras_wssi":
+        return "keras_wssi.evaluation.compiled_attacks"
+    if attack.library == "art":
+        return ("art.attacks.evasion.CarliniL2Method" if attack.method == "cw_l2"
+                else "art.attacks.evasion.SquareAttack")
+    if backend.BACKEND == "tensorflow":
+        return _TF2[attack.method]
+    if uses_cleverhans_jax(attack):
+        return _JAX[attack.method]
+    return f"{_TRANSCRIPTION} (of {_TF2[attack.method]})"
+
+
+def check_backend(attack):
+    """Raises a clear `EvaluationError` when `attack` has no implementation on the active backend."""
+    if backend.BACKEND == "tensorflow" or attack.library != "art":
+        return
+    replacement = _ART_REPLACEMENTS[attack.method]
+    if attack.method == "square" and attack.norm == "l2":
+        replacement = "'square_compiled_l2' (keras_wssi's compiled Square attack)"
+    raise EvaluationError(
+        f"Attack {attack.name!r} ({implementation(attack)}) has no JAX implementation: the Adversarial Robustness "
+        f"Toolbox wraps TensorFlow models only. On JAX use {replacement}, or run with KERAS_BACKEND=tensorflow."
+    )
+
+
 _NORMS = {"linf": np.inf, "l2": 2}
 
 
@@ -116,8 +171,6 @@ class Attack:
 
     def settings(self):
         """The settings as JSON-ready values (what the report records)."""
-        from keras_wssi.evaluation.gradient_attacks import implementation
-
         settings = {
             "name": self.name,
             "method": self.method,

@@ -14,9 +14,9 @@ On TensorFlow the runner calls cleverhans's own `cleverhans.tf2.attacks` functio
   by ε), MIM (not in cleverhans.jax) and any attack with a custom `loss` (cleverhans.jax takes no loss) run
   `cleverhans_tf2_transcription`: cleverhans.tf2's algorithms transcribed line by line into `keras.ops`.
 
-`implementation(attack)` names the code that computes an attack on the active backend; the runner and the reports
-record it. ART's attacks (`"cw_l2"`, `"square"`, `"square_l2"`) wrap TensorFlow models only: on JAX,
-`check_backend` refuses them and names keras_wssi's compiled replacements.
+`keras_wssi.evaluation.attacks.implementation(attack)` names the code that computes an attack on the active backend;
+the runner and the reports record it. ART's attacks (`"cw_l2"`, `"square"`, `"square_l2"`) wrap TensorFlow models
+only: on JAX, `attacks.check_backend` refuses them and names keras_wssi's compiled replacements.
 """
 
 import importlib
@@ -29,61 +29,9 @@ from keras import ops
 from keras_wssi import backend
 from keras_wssi.evaluation import compiled_attacks
 from keras_wssi.evaluation.attacks import EvaluationError
+from keras_wssi.evaluation.attacks import uses_cleverhans_jax
 
-__all__ = ["check_backend", "cleverhans_tf2_transcription", "implementation", "run_batch"]
-
-_TF2 = {
-    "fgm": "cleverhans.tf2.attacks.fast_gradient_method",
-    "pgd": "cleverhans.tf2.attacks.projected_gradient_descent",
-    "bim": "cleverhans.tf2.attacks.basic_iterative_method",
-    "mim": "cleverhans.tf2.attacks.momentum_iterative_method",
-    "madry": "cleverhans.tf2.attacks.madry_et_al",
-}
-_JAX = {
-    "fgm": "cleverhans.jax.attacks.fast_gradient_method",
-    "pgd": "cleverhans.jax.attacks.projected_gradient_descent (its loop body in a fori_loop)",
-    "bim": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=False; its loop body in a fori_loop)",
-    "madry": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=True; its loop body in a fori_loop)",
-}
-_TRANSCRIPTION = "keras_wssi.evaluation.gradient_attacks.cleverhans_tf2_transcription"
-
-# ART attack → keras_wssi's compiled replacement on JAX.
-_ART_REPLACEMENTS = {
-    "cw_l2": "'fab_t_l2' (minimal-L2 FAB-T) or 'apgd_ce_l2'",
-    "square": "'square_compiled' (keras_wssi's compiled Square attack)",
-}
-
-
-def _uses_cleverhans_jax(attack):
-    return attack.method in _JAX and attack.norm == "linf" and attack.loss is None
-
-
-def implementation(attack):
-    """The code that computes `attack`'s adversarial examples on the active backend (what reports record)."""
-    if attack.library == "keras_wssi":
-        return "keras_wssi.evaluation.compiled_attacks"
-    if attack.library == "art":
-        return ("art.attacks.evasion.CarliniL2Method" if attack.method == "cw_l2"
-                else "art.attacks.evasion.SquareAttack")
-    if backend.BACKEND == "tensorflow":
-        return _TF2[attack.method]
-    if _uses_cleverhans_jax(attack):
-        return _JAX[attack.method]
-    return f"{_TRANSCRIPTION} (of {_TF2[attack.method]})"
-
-
-def check_backend(attack):
-    """Raises a clear `EvaluationError` when `attack` has no implementation on the active backend."""
-    if backend.BACKEND == "tensorflow" or attack.library != "art":
-        return
-    replacement = _ART_REPLACEMENTS[attack.method]
-    if attack.method == "square" and attack.norm == "l2":
-        replacement = "'square_compiled_l2' (keras_wssi's compiled Square attack)"
-    raise EvaluationError(
-        f"Attack {attack.name!r} ({implementation(attack)}) has no JAX implementation: the Adversarial Robustness "
-        f"Toolbox wraps TensorFlow models only. On JAX use {replacement}, or run with KERAS_BACKEND=tensorflow."
-    )
-
+__all__ = ["cleverhans_tf2_transcription", "run_batch"]
 
 # ---------------------------------------------------------------------------------------------------------
 # cleverhans.tf2 in keras.ops.
@@ -293,7 +241,7 @@ def _cleverhans_jax_batch(attack, model_fn, x, y, eps, indices, key, restart, cl
 def run_batch(attack, model_fn, x, y, indices, eps, key, restart, clip_min, clip_max, num_classes, loss_fn=None):
     """One batch of a cleverhans attack on JAX (inside a compiled function): cleverhans.jax where it computes the
     attack as cleverhans.tf2 does, the keras.ops transcription otherwise (see the module docstring)."""
-    if _uses_cleverhans_jax(attack):
+    if uses_cleverhans_jax(attack):
         return _cleverhans_jax_batch(attack, model_fn, x, y, eps, indices, key, restart, clip_min, clip_max,
                                      num_classes)
     return cleverhans_tf2_transcription(

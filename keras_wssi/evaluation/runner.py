@@ -224,7 +224,7 @@ class AttackRunner:
             raise EvaluationError(f"seed must be an integer, got {seed!r}.")
         self.model = model
         self.attack = attacks_module.get_attack(attack)
-        gradient_attacks.check_backend(self.attack)
+        attacks_module.check_backend(self.attack)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.clip_min = None if clip_min is None else float(clip_min)
