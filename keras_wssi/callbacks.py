@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 
 import keras
 import numpy as np
@@ -301,6 +302,7 @@ class _FiniteCheck:
     def __init__(self, variables):
         self.variables = [v for v in variables if keras.backend.is_float_dtype(keras.backend.standardize_dtype(v.dtype))]
         self.count = len(variables)
+        self.ids = [id(v) for v in variables]
 
         def flags():
             return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in self.variables])
@@ -313,6 +315,19 @@ class _FiniteCheck:
             return []
         flags = keras.ops.convert_to_numpy(self._flags())
         return [_variable_name(v) for v, ok in zip(self.variables, flags) if not ok]
+
+
+# One compiled check per model, shared by every callback and `check_finite_state` (on JAX each new check is one
+# more XLA compilation).
+_FINITE_CHECKS = weakref.WeakKeyDictionary()
+
+
+def _finite_check(model):
+    variables = training_state_variables(model)
+    check = _FINITE_CHECKS.get(model)
+    if check is None or check.ids != [id(v) for v in variables]:
+        check = _FINITE_CHECKS[model] = _FiniteCheck(variables)
+    return check
 
 
 def check_finite_state(model, what):
@@ -328,7 +343,7 @@ def check_finite_state(model, what):
     model.save("model.keras")
     ```
     """
-    bad = _FiniteCheck(training_state_variables(model)).non_finite()
+    bad = _finite_check(model).non_finite()
     if bad:
         raise FloatingPointError(
             f"Refusing to write {what}: {len(bad)} variable(s) hold NaN/Inf ({', '.join(bad[:3])}"
@@ -415,19 +430,12 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
         check_every = validation.positive_int(check_every, "check_every")
         self.check_every = check_every
         self._epoch = 0
-        self._check = None
-
-    def on_train_begin(self, logs=None):
-        self._check = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def _non_finite_state(self):
-        variables = training_state_variables(self.model)
-        if self._check is None or self._check.count != len(variables):
-            self._check = _FiniteCheck(variables)
-        return self._check.non_finite()
+        return _finite_check(self.model).non_finite()  # `self.model`: on JAX, writes the step's state back first.
 
     def _stop(self, where, culprit):
         self.model.stop_training = True
@@ -726,7 +734,6 @@ class ResumableBackup(keras.callbacks.Callback):
             model.optimizer.build(model.trainable_variables)
         variables = training_state_variables(model)
         self._variables = variables
-        self._finite = _FiniteCheck(variables)
         self._last_read = None
         if backend.BACKEND != "tensorflow":
             return  # Plain arrays in `_ArrayBackups` files: tf.train.Checkpoint cannot save JAX arrays.
@@ -893,7 +900,7 @@ class ResumableBackup(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self._chief:
             return
-        bad = self._finite.non_finite()
+        bad = _finite_check(self.model).non_finite()
         if bad:
             raise FloatingPointError(
                 f"Refusing to write the backup of epoch {epoch + 1}: {', '.join(bad[:3])} hold NaN/Inf. The previous "
