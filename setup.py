@@ -27,10 +27,14 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
+        # The JAX backend (KERAS_BACKEND=jax); CPU wheels. On GPU/TPU install JAX for the accelerator first
+        # (e.g. `pip install "jax[cuda12]"`), then this extra.
+        "jax": ["jax>=0.4.30"],
         # CW-L2 and the gradient-free Square attack (cleverhans 4.0.0's own crash on Keras 3).
         "attacks": ["adversarial-robustness-toolbox>=1.20"],
         "test": [
             "adversarial-robustness-toolbox>=1.20",
+            "jax>=0.4.30",
             "pytest>=7",
             "pytest-xdist",
             "hypothesis",

@@ -7,11 +7,20 @@ load from other processes hits both sides alike; the ratio of medians is printed
     python benchmarks/step_overhead.py --data_dir=../shared/data
     python benchmarks/step_overhead.py --cases=weissi,l2 --architectures=mlp --jit=true
     python benchmarks/step_overhead.py --xla_ratio --cases=weissi,input_gradient   # XLA vs no XLA, same model
+    python benchmarks/step_overhead.py --backend=jax,tensorflow --cases=weissi,input_gradient --jit=true
+
+`--backend` runs each named Keras backend in its own process (Keras picks its backend at import) and prints their
+ratios and plain-step milliseconds side by side. On JAX every step is XLA-compiled (`jit=true` only), the step is
+Keras's own jitted `train_function(state, iterator)` over device-resident batches, and the hand-written and
+XLA-ratio comparisons are TensorFlow-only.
 """
 
+import itertools
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -93,6 +102,15 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("steps", 20, "Steps per timed round.")
 flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median round is reported).")
 flags.DEFINE_string("json_out", None, "Optional path for the results as JSON.")
+flags.DEFINE_list(
+    "backend", [], "Keras backends to time (tensorflow, jax), each in its own process, printed side by side; default: "
+    "the current one ($KERAS_BACKEND).",
+)
+flags.DEFINE_list(
+    "jax_jvp", [], "With --backend including jax: also time JAX with these Jacobian-vector-product modes (transpose: "
+    "the transpose of the step's VJP, the default; forward: jax.jvp, true forward mode), each in its own process.",
+)
+BACKEND = keras.backend.backend()
 
 
 def _images_and_labels(batch_size, steps):
@@ -125,25 +143,49 @@ def _compiled_model(architecture, penalties, jit_compile):
     return model
 
 
+def _dataset(images, labels, batch_size):
+    """The batches, repeated: a `tf.data` pipeline on TensorFlow; device-resident arrays on JAX."""
+    if BACKEND == "tensorflow":
+        return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True).repeat()
+    count = len(images) // batch_size
+    return [
+        (keras.ops.convert_to_tensor(images[i * batch_size:(i + 1) * batch_size]),
+         keras.ops.convert_to_tensor(labels[i * batch_size:(i + 1) * batch_size]))
+        for i in range(count)
+    ]
+
+
 def _step_function(model, dataset):
     """The model's compiled train function on a persistent iterator: timing it measures the step, not `fit`'s
     per-call setup (iterator creation, callbacks, progress bar)."""
-    model.make_train_function()
-    iterator = iter(dataset)
-    return lambda: model.train_function(iterator)
+    if BACKEND == "tensorflow":
+        model.make_train_function()
+        iterator = iter(dataset)
+        return lambda: model.train_function(iterator)
+    # JAX: Keras's jitted train_function(state, iterator), threading the state as `fit` does.
+    model.train_on_batch(*dataset[0])  # Builds the model, optimizer and metrics.
+    state = [model._get_jax_state(trainable_variables=True, non_trainable_variables=True, optimizer_variables=True,
+                                  metrics_variables=True)]
+    iterator = itertools.cycle(dataset)
+
+    def step():
+        logs, state[0] = model.train_function(state[0], iterator)
+        return logs
+
+    return step
 
 
 def _time_round(step, steps):
     start = time.perf_counter()
     for _ in range(steps):
         logs = step()
-    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, logs)  # Wait for the last step.
+    keras.tree.map_structure(np.asarray, logs)  # Wait for the last step.
     return (time.perf_counter() - start) / steps
 
 
 def measure(architecture, jit_compile, case_names, images, labels, batch_size, steps, rounds):
     """Returns {case: {"plain_ms", "case_ms", "ratio"}} for one architecture and XLA setting."""
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True).repeat()
+    dataset = _dataset(images, labels, batch_size)
     plain = _step_function(_compiled_model(architecture, [], jit_compile), dataset)
     _time_round(plain, 3)  # Trace and compile outside the timed rounds.
     results = {}
@@ -181,8 +223,10 @@ def run_timings(case_names):
         if value.lower() not in ("true", "false"):
             raise app.UsageError(f"--jit: expected true/false values, got {value!r}")
         jit_values.append(value.lower() == "true")
+    if BACKEND == "jax":
+        jit_values = [True]  # Keras's JAX trainer compiles every step with XLA.
     images, labels = _images_and_labels(FLAGS.batch_size, FLAGS.steps)
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, batch {FLAGS.batch_size}, "
+    print(f"backend {BACKEND}, TensorFlow {tf.__version__}, Keras {keras.__version__}, batch {FLAGS.batch_size}, "
           f"{FLAGS.steps} steps x {FLAGS.rounds} interleaved rounds, fastest round's per-step time")
     all_results = {}
     for architecture in FLAGS.architectures:
@@ -366,8 +410,58 @@ def handwritten_comparison(images, labels, batch_size, steps, rounds):
     return results
 
 
+def _side_by_side(argv, backends):
+    """Runs this script once per backend (each in its own process) and prints their ratios side by side."""
+    results = {}
+    runs = []
+    for name in backends:
+        if name == "jax" and FLAGS.jax_jvp:
+            runs += [(f"jax/jvp={mode}", "jax", {"KERAS_WSSI_JAX_JVP": mode}) for mode in FLAGS.jax_jvp]
+        else:
+            runs.append((name, name, {}))
+    with tempfile.TemporaryDirectory() as folder:
+        for label, name, extra_environment in runs:
+            out = os.path.join(folder, f"{label.replace('/', '_')}.json")
+            child = [a for a in argv[1:] if not a.startswith(("--backend", "--json_out", "--handwritten", "--spectral_error", "--jax_jvp"))]
+            command = [sys.executable, os.path.abspath(__file__), *child, f"--backend={name}", f"--json_out={out}",
+                       "--handwritten=skip", "--spectral_error=skip"]
+            print(f"--- {label} ---", flush=True)
+            subprocess.run(command, env=dict(os.environ, KERAS_BACKEND=name, **extra_environment), check=True)
+            with open(out) as handle:
+                results[label] = json.load(handle)
+    backends = [label for label, _, _ in runs]
+    print("\nside by side (fastest round's per-step time; ratio = penalty step / plain step, same backend):")
+    header = "".join(f"  {name + ' plain ms':>18s} {name + ' ratio':>16s}" for name in backends)
+    print(f"{'setting':20s} {'case':40s}{header}")
+    settings = sorted({k for r in results.values() for k in r})
+    for setting in settings:
+        cases = sorted({c for r in results.values() for c in r.get(setting, {})})
+        for case in cases:
+            cells = []
+            for name in backends:
+                entry = results[name].get(setting, {}).get(case)
+                if entry is None or "ratio" not in entry:
+                    cells.append(f"  {'n/a':>18s} {'n/a':>16s}")
+                else:
+                    cells.append(f"  {entry['plain_ms']:18.2f} {entry['ratio']:15.2f}x")
+            print(f"{setting:20s} {case:40s}{''.join(cells)}")
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
 def main(argv):
+    backends = FLAGS.backend or [BACKEND]
+    unknown = [b for b in backends if b not in ("tensorflow", "jax")]
+    if unknown:
+        raise app.UsageError(f"--backend: unknown {unknown}; expected tensorflow and/or jax.")
+    if backends != [BACKEND]:
+        return _side_by_side(sys.argv, backends)
     del argv
+    if BACKEND != "tensorflow":
+        FLAGS.handwritten = "skip" if FLAGS.handwritten != "only" else "only"
+        if FLAGS.xla_ratio or FLAGS.handwritten == "only":
+            raise app.UsageError("--xla_ratio and --handwritten=only time TensorFlow steps: run them with --backend=tensorflow.")
     if FLAGS.xla_ratio:
         unknown = [c for c in FLAGS.cases if c not in PENALTY_CASES]
         if unknown:

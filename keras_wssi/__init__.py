@@ -15,6 +15,7 @@ this order from the imports and fails on a cycle or an upward import):
 
 from keras_wssi import analysis
 from keras_wssi import architectures
+from keras_wssi import backend
 from keras_wssi import callbacks
 from keras_wssi import data
 from keras_wssi import distribute
@@ -41,6 +42,7 @@ __all__ = [
     "WrappedModel",
     "analysis",
     "architectures",
+    "backend",
     "callbacks",
     "data",
     "distribute",

@@ -5,7 +5,7 @@ Sparse labels `(N,)` or `(N, 1)` of integers, and one-hot or soft labels `(N, C)
 """
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 __all__ = ["class_indices", "sparse_or_dense"]
 
@@ -27,10 +27,14 @@ def sparse_or_dense(y, num_classes, argument="y"):
     """
     if y is None:
         raise ValueError(f"{argument}: labels are needed here, got None (was fit() called without targets?).")
-    y = tf.convert_to_tensor(y)
-    if _is_dense(y.shape.rank, y.shape[-1] if y.shape.rank else None, num_classes):
-        return None, tf.cast(y, tf.float32)
-    return tf.cast(tf.reshape(y, [-1]), tf.int32), None
+    y = ops.convert_to_tensor(y)
+    try:
+        rank = len(y.shape)
+    except (TypeError, ValueError):  # A symbolic tensor of unknown rank (TensorFlow).
+        rank = None
+    if _is_dense(rank, y.shape[-1] if rank else None, num_classes):
+        return None, ops.cast(y, "float32")
+    return ops.cast(ops.reshape(y, [-1]), "int32"), None
 
 
 def class_indices(y, num_classes=None, argument="labels"):

@@ -4,9 +4,11 @@ Tensors in, tensors out; nothing here knows about Keras models. Every norm is gu
 and gradient stay finite at zero (the gradient of `sqrt` at 0 is infinite, DESIGN.md §3).
 """
 
+import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import validation
 
 __all__ = [
@@ -51,8 +53,8 @@ def validate_norm(norm, argument="norm"):
 
 def safe_norm(x, axis=None, keepdims=False, epsilon=1e-12):
     """Euclidean norm `sqrt(Σ x² + ε²)`: equal to `||x||` up to ε, with a finite gradient (0) at x = 0."""
-    x = tf.convert_to_tensor(x)
-    return tf.sqrt(tf.reduce_sum(tf.square(x), axis=axis, keepdims=keepdims) + tf.cast(epsilon * epsilon, x.dtype))
+    x = ops.convert_to_tensor(x)
+    return ops.sqrt(ops.sum(ops.square(x), axis=axis, keepdims=keepdims) + ops.cast(epsilon * epsilon, x.dtype))
 
 
 def l2_normalize(x, axis=-1, epsilon=1e-12):
@@ -62,13 +64,13 @@ def l2_normalize(x, axis=-1, epsilon=1e-12):
 
 def entrywise_norm(x, p, epsilon=1e-12):
     """`(Σ |x|^p)^(1/p)` for `p >= 1`, guarded at zero."""
-    x = tf.convert_to_tensor(x)
+    x = ops.convert_to_tensor(x)
     if p == 2.0:
         return safe_norm(x, epsilon=epsilon)
     if p == 1.0:
-        return tf.reduce_sum(tf.abs(x))
-    total = tf.reduce_sum(tf.pow(tf.abs(x), p)) + tf.cast(epsilon**p, x.dtype)
-    return tf.pow(total, 1.0 / p)
+        return ops.sum(ops.abs(x))
+    total = ops.sum(ops.power(ops.abs(x), p)) + ops.cast(epsilon**p, x.dtype)
+    return ops.power(total, 1.0 / p)
 
 
 def kernel_matrices(kernel, kind="dense"):
@@ -78,13 +80,13 @@ def kernel_matrices(kernel, kind="dense"):
     Yoshida & Miyato 2017); a depthwise kernel `(k…, C_in, M)` gives one `(∏ k, M)` matrix per input
     channel, since channels do not mix.
     """
-    kernel = tf.convert_to_tensor(kernel)
+    kernel = ops.convert_to_tensor(kernel)
     if kind == "depthwise_conv":
-        spatial = int(tf.reduce_prod(kernel.shape[:-2]))
+        spatial = int(np.prod(kernel.shape[:-2]))
         channels, multiplier = kernel.shape[-2], kernel.shape[-1]
-        matrices = tf.reshape(kernel, [spatial, channels, multiplier])
-        return tf.transpose(matrices, [1, 0, 2])
-    return tf.reshape(kernel, [1, -1, kernel.shape[-1]])
+        matrices = ops.reshape(kernel, [spatial, channels, multiplier])
+        return ops.transpose(matrices, [1, 0, 2])
+    return ops.reshape(kernel, [1, -1, kernel.shape[-1]])
 
 
 def random_unit_rows(shape, seed):
@@ -113,14 +115,15 @@ def power_iteration(matrices, u, iterations=1, epsilon=1e-12):
         point, the derivative of σ is `u vᵀ`).
     """
     iterations = validation.positive_int(iterations, "iterations")
-    held = tf.stop_gradient(matrices)
-    u = tf.stop_gradient(u)
+    matrices = ops.convert_to_tensor(matrices)
+    held = ops.stop_gradient(matrices)
+    u = ops.stop_gradient(ops.cast(u, matrices.dtype))
     v = None
     for _ in range(iterations):
-        v = l2_normalize(tf.einsum("bm,bmn->bn", u, held), epsilon=epsilon)
-        u = l2_normalize(tf.einsum("bmn,bn->bm", held, v), epsilon=epsilon)
-    u, v = tf.stop_gradient(u), tf.stop_gradient(v)
-    sigma = tf.einsum("bm,bmn,bn->b", u, matrices, v)
+        v = l2_normalize(ops.einsum("bm,bmn->bn", u, held), epsilon=epsilon)
+        u = l2_normalize(ops.einsum("bmn,bn->bm", held, v), epsilon=epsilon)
+    u, v = ops.stop_gradient(u), ops.stop_gradient(v)
+    sigma = ops.einsum("bm,bmn,bn->b", u, matrices, v)
     return u, v, sigma
 
 
@@ -135,7 +138,7 @@ def matrix_norm(kernel, norm="frobenius", kind="dense", u=None, iterations=1, ep
         if u is None:
             raise ValueError("The spectral norm needs start vectors `u` of shape (B, fan_in).")
         new_u, _, sigma = power_iteration(matrices, u, iterations=iterations, epsilon=epsilon)
-        return tf.reduce_max(sigma), new_u
+        return ops.max(sigma), new_u
     return entrywise_norm(kernel, norm, epsilon=epsilon), None
 
 
@@ -147,7 +150,7 @@ def matrix_norm(kernel, norm="frobenius", kind="dense", u=None, iterations=1, ep
 
 def _flat(x):
     """`(batch, …)` → `(batch, prod(…))`."""
-    return tf.reshape(x, [tf.shape(x)[0], -1])
+    return ops.reshape(x, [ops.shape(x)[0], -1])
 
 
 def per_example_jacobian(function, x, num_classes=None):
@@ -172,27 +175,28 @@ def per_example_jacobian(function, x, num_classes=None):
     jacobian = keras_wssi.linalg.per_example_jacobian(lambda t: model(t, training=False), images)
     ```
     """
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        raise TypeError(f"x must be floating point to be differentiated, got dtype {x.dtype.name}.")
+    x = ops.convert_to_tensor(x)
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if not keras.backend.is_float_dtype(dtype):
+        raise TypeError(f"x must be floating point to be differentiated, got dtype {dtype}.")
     if num_classes is None:
         num_classes = function(x).shape[-1]
     if num_classes is None or int(num_classes) < 1:
         raise ValueError(f"num_classes must be a positive integer (the number of outputs), got {num_classes!r}.")
     num_classes = int(num_classes)
-    batch = tf.shape(x)[0]
-    replicated = tf.reshape(tf.repeat(x[tf.newaxis], num_classes, axis=0), tf.concat([[-1], tf.shape(x)[1:]], 0))
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(replicated)
-        outputs = function(replicated)
-    if outputs.shape.rank != 2:
-        raise ValueError(f"function must return (batch, C) outputs, got shape {outputs.shape}.")
+    shape = ops.shape(x)
+    batch, feature_shape = shape[0], list(shape[1:])
+    replicated = ops.reshape(ops.repeat(ops.expand_dims(x, 0), num_classes, axis=0), [-1] + feature_shape)
+    outputs, pullback = backend.vjp(function, replicated)
+    if len(outputs.shape) != 2:
+        raise ValueError(f"function must return (batch, C) outputs, got shape {tuple(outputs.shape)}.")
     # Replica c carries the cotangent e_c for every example of the batch.
-    cotangent = tf.repeat(tf.eye(num_classes, dtype=outputs.dtype), batch, axis=0)
-    rows = tape.gradient(outputs, replicated, output_gradients=cotangent)
-    rows = tf.reshape(rows, tf.concat([[num_classes, batch], tf.shape(x)[1:]], 0))
-    permutation = [1, 0] + list(range(2, x.shape.rank + 1))
-    return tf.transpose(rows, permutation)
+    identity = ops.eye(num_classes, dtype=keras.backend.standardize_dtype(outputs.dtype))
+    cotangent = ops.reshape(ops.broadcast_to(identity[:, None, :], [num_classes, batch, num_classes]), [-1, num_classes])
+    (rows,) = pullback(cotangent)
+    rows = ops.reshape(rows, [num_classes, batch] + feature_shape)
+    permutation = [1, 0] + list(range(2, len(x.shape) + 1))
+    return ops.transpose(rows, permutation)
 
 
 def jacobian_from_vjp(vjp, batch_size, num_classes, stop_gradients=False):
@@ -212,16 +216,18 @@ def jacobian_from_vjp(vjp, batch_size, num_classes, stop_gradients=False):
     """
     rows = []
     for c in range(int(num_classes)):
-        cotangent = tf.one_hot(tf.fill([batch_size], c), int(num_classes), dtype=tf.float32)
+        basis_vector = ops.one_hot(ops.convert_to_tensor(c, "int32"), int(num_classes), dtype="float32")
+        cotangent = ops.broadcast_to(basis_vector[None], [batch_size, int(num_classes)])
         row = vjp(cotangent)
-        rows.append(tf.stop_gradient(row) if stop_gradients else row)
-    return tf.stack(rows, axis=1)
+        rows.append(ops.stop_gradient(row) if stop_gradients else row)
+    return ops.stack(rows, axis=1)
 
 
 def gram_from_jacobian(jacobian):
     """`J Jᵀ` per example, `(B, C, C)`, from a `(B, C, …)` Jacobian."""
-    flat = tf.reshape(jacobian, [tf.shape(jacobian)[0], tf.shape(jacobian)[1], -1])
-    return tf.einsum("bcd,bed->bce", flat, flat)
+    shape = ops.shape(jacobian)
+    flat = ops.reshape(jacobian, [shape[0], shape[1], -1])
+    return ops.einsum("bcd,bed->bce", flat, flat)
 
 
 def top_eigenvector(gram, squarings=10, epsilon=1e-30):
@@ -242,17 +248,23 @@ def top_eigenvector(gram, squarings=10, epsilon=1e-30):
     Returns:
         `(vector (B, C), eigenvalue (B,))`.
     """
-    gram = tf.convert_to_tensor(gram)
-    power = gram / (tf.linalg.trace(gram)[:, tf.newaxis, tf.newaxis] + epsilon)
+    gram = ops.convert_to_tensor(gram)
+    power = gram / (_trace(gram)[:, None, None] + epsilon)
     for _ in range(int(squarings)):
-        power = tf.matmul(power, power)
-        power = power / (tf.linalg.trace(power)[:, tf.newaxis, tf.newaxis] + epsilon)
-    column_norms = tf.reduce_sum(tf.square(power), axis=1)
-    best = tf.argmax(column_norms, axis=-1, output_type=tf.int32)
-    vector = tf.gather(tf.transpose(power, [0, 2, 1]), best, axis=1, batch_dims=1)
+        power = ops.matmul(power, power)
+        power = power / (_trace(power)[:, None, None] + epsilon)
+    column_norms = ops.sum(ops.square(power), axis=1)
+    best = ops.argmax(column_norms, axis=-1)
+    # Column `best` of each matrix (a one-hot selection: exact, and the same on every backend).
+    vector = ops.einsum("bcj,bj->bc", power, ops.one_hot(best, power.shape[-1], dtype=power.dtype))
     vector = l2_normalize(vector, axis=-1)
-    eigenvalue = tf.einsum("bc,bcd,bd->b", vector, gram, vector)
+    eigenvalue = ops.einsum("bc,bcd,bd->b", vector, gram, vector)
     return vector, eigenvalue
+
+
+def _trace(matrices):
+    """The trace of each matrix of a `(B, C, C)` batch (the sum of the diagonal, as `tf.linalg.trace`)."""
+    return ops.sum(ops.diagonal(matrices, axis1=-2, axis2=-1), axis=-1)
 
 
 def spectral_norm_squared(jacobian, squarings=10):
@@ -278,11 +290,12 @@ def spectral_norm_squared(jacobian, squarings=10):
     _, sigma_squared = keras_wssi.linalg.spectral_norm_squared(jacobian)   # jacobian: (B, C, d)
     ```
     """
-    jacobian = tf.convert_to_tensor(jacobian)
-    flat = tf.reshape(jacobian, [tf.shape(jacobian)[0], tf.shape(jacobian)[1], -1])
-    vector, _ = top_eigenvector(tf.stop_gradient(tf.einsum("bcd,bed->bce", flat, flat)), squarings=squarings)
-    vector = tf.stop_gradient(vector)
-    return vector, tf.reduce_sum(tf.square(tf.einsum("bc,bcd->bd", vector, flat)), axis=-1)
+    jacobian = ops.convert_to_tensor(jacobian)
+    shape = ops.shape(jacobian)
+    flat = ops.reshape(jacobian, [shape[0], shape[1], -1])
+    vector, _ = top_eigenvector(ops.stop_gradient(ops.einsum("bcd,bed->bce", flat, flat)), squarings=squarings)
+    vector = ops.stop_gradient(vector)
+    return vector, ops.sum(ops.square(ops.einsum("bc,bcd->bd", vector, flat)), axis=-1)
 
 
 def dense_chain_jacobian(kernels, biases, activations, x):
@@ -297,27 +310,31 @@ def dense_chain_jacobian(kernels, biases, activations, x):
         activations: per hidden layer, the elementwise functions applied after it.
         x: inputs `(B, …)`, flattened to `(B, d)`.
     """
-    h = tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])
-    kernels = [tf.cast(k, tf.float32) for k in kernels]
+    x = ops.convert_to_tensor(x)
+    h = ops.reshape(ops.cast(x, "float32"), [ops.shape(x)[0], -1])
+    kernels = [ops.cast(k, "float32") for k in kernels]
     derivatives = []
     for index, (kernel, bias) in enumerate(zip(kernels, biases)):
-        pre = tf.matmul(h, kernel)
+        pre = ops.matmul(h, kernel)
         if bias is not None:
-            pre = pre + tf.cast(bias, tf.float32)
+            pre = pre + ops.cast(bias, "float32")
         if index == len(kernels) - 1:
             break
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(pre)
-            h = pre
-            for fn in activations[index]:
-                h = tf.cast(fn(h), tf.float32)
+
+        def activate(values, functions=tuple(activations[index])):
+            for fn in functions:
+                values = ops.cast(fn(values), "float32")
+            return values
+
+        h, pullback = backend.vjp(activate, pre)
         # Elementwise activations: the gradient of Σ σ(pre) is σ'(pre), the diagonal of D_l.
-        derivatives.append(tf.stop_gradient(tape.gradient(h, pre, unconnected_gradients="zero")))
-    jacobian = tf.transpose(kernels[-1])[None]  # (1, C, n_{L-1})
+        (derivative,) = pullback(ops.ones_like(h))
+        derivatives.append(ops.stop_gradient(derivative))
+    jacobian = ops.transpose(kernels[-1])[None]  # (1, C, n_{L-1})
     for kernel, derivative in zip(reversed(kernels[:-1]), reversed(derivatives)):
-        jacobian = tf.einsum("bcn,mn->bcm", jacobian * derivative[:, None, :], kernel)
+        jacobian = ops.einsum("bcn,mn->bcm", jacobian * derivative[:, None, :], kernel)
     if len(kernels) == 1:
-        jacobian = tf.tile(jacobian, [tf.shape(h)[0], 1, 1])
+        jacobian = ops.broadcast_to(jacobian, [ops.shape(h)[0], *jacobian.shape[1:]])
     return jacobian
 
 
@@ -341,12 +358,12 @@ def jacobian_power_iteration(vjp, jvp, start, iterations=2, epsilon=1e-12):
         `(v, sigma_squared)`: the final unit vectors `(B, C)` (constant) and `||vᵀ J||²` per example `(B,)`.
     """
     iterations = validation.positive_int(iterations, "iterations")
-    v = l2_normalize(tf.stop_gradient(tf.cast(start, tf.float32)), axis=-1, epsilon=epsilon)
+    v = l2_normalize(ops.stop_gradient(ops.cast(start, "float32")), axis=-1, epsilon=epsilon)
     for _ in range(iterations):
-        u = tf.stop_gradient(vjp(v))
-        v = l2_normalize(tf.stop_gradient(jvp(u)), axis=-1, epsilon=epsilon)
+        u = ops.stop_gradient(vjp(v))
+        v = l2_normalize(ops.stop_gradient(jvp(u)), axis=-1, epsilon=epsilon)
     rows = vjp(v)
-    return v, tf.reduce_sum(tf.square(_flat(rows)), axis=-1)
+    return v, ops.sum(ops.square(_flat(rows)), axis=-1)
 
 
 def jacobian_lanczos(vjp, jvp, start, iterations=2, epsilon=1e-12):
@@ -370,38 +387,41 @@ def jacobian_lanczos(vjp, jvp, start, iterations=2, epsilon=1e-12):
         `(y, sigma_squared)`: unit Ritz vectors `(B, C)` (constant) and `||yᵀ J||²` `(B,)`.
     """
     iterations = validation.positive_int(iterations, "iterations")
-    basis = [l2_normalize(tf.stop_gradient(tf.cast(start, tf.float32)), axis=-1, epsilon=epsilon)]
+    basis = [l2_normalize(ops.stop_gradient(ops.cast(start, "float32")), axis=-1, epsilon=epsilon)]
     products = []
     for step in range(iterations + 1):
-        product = tf.stop_gradient(vjp(basis[step]))
+        product = ops.stop_gradient(vjp(basis[step]))
         products.append(_flat(product))
         if step == iterations:
             break
-        w = tf.stop_gradient(jvp(product))
+        w = ops.stop_gradient(jvp(product))
         scale = safe_norm(w, axis=-1, keepdims=True, epsilon=epsilon)
         residual = w
         for _ in range(2):  # Classical Gram-Schmidt, twice ("twice is enough").
             for q in basis:
-                residual = residual - tf.reduce_sum(q * residual, axis=-1, keepdims=True) * q
+                residual = residual - ops.sum(q * residual, axis=-1, keepdims=True) * q
         norm = safe_norm(residual, axis=-1, keepdims=True, epsilon=epsilon)
         # An exhausted Krylov space (w already in the span) adds a zero vector, not amplified round-off.
-        keep = tf.cast(norm > 1e-4 * scale, residual.dtype)
+        keep = ops.cast(norm > 1e-4 * scale, residual.dtype)
         basis.append(keep * residual / norm)
-    stacked_basis = tf.stack(basis, axis=1)  # (B, k+1, C)
-    stacked_products = tf.stack(products, axis=1)  # (B, k+1, d)
-    ritz_matrix = tf.einsum("bid,bjd->bij", stacked_products, stacked_products)
+    stacked_basis = ops.stack(basis, axis=1)  # (B, k+1, C)
+    stacked_products = ops.stack(products, axis=1)  # (B, k+1, d)
+    ritz_matrix = ops.einsum("bid,bjd->bij", stacked_products, stacked_products)
     coefficients, _ = top_eigenvector(ritz_matrix)
-    y = l2_normalize(tf.einsum("bi,bic->bc", coefficients, stacked_basis), axis=-1, epsilon=epsilon)
-    y = tf.stop_gradient(y)
+    y = l2_normalize(ops.einsum("bi,bic->bc", coefficients, stacked_basis), axis=-1, epsilon=epsilon)
+    y = ops.stop_gradient(y)
     rows = vjp(y)
-    return y, tf.reduce_sum(tf.square(_flat(rows)), axis=-1)
+    return y, ops.sum(ops.square(_flat(rows)), axis=-1)
 
 
 def _conv_arguments(strides, padding, dilations):
-    padding = padding.upper() if isinstance(padding, str) else padding
-    if padding not in ("SAME", "VALID"):
+    if not isinstance(padding, str) or padding.lower() not in ("same", "valid"):
         raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}.")
-    return strides, padding, dilations
+    return strides, padding.lower(), dilations
+
+
+def _conv2d(inputs, kernel, strides, padding, dilations):
+    return ops.conv(inputs, kernel, strides=strides, padding=padding, data_format="channels_last", dilation_rate=dilations)
 
 
 def conv2d_operator_norm(kernel, u, strides=1, padding="same", dilations=1, iterations=1, epsilon=1e-12):
@@ -424,16 +444,17 @@ def conv2d_operator_norm(kernel, u, strides=1, padding="same", dilations=1, iter
     """
     iterations = validation.positive_int(iterations, "iterations")
     strides, padding, dilations = _conv_arguments(strides, padding, dilations)
-    kernel = tf.convert_to_tensor(kernel)
-    held = tf.stop_gradient(kernel)
-    u = tf.stop_gradient(tf.cast(u, kernel.dtype))
-    input_shape = tf.shape(u)
+    kernel = ops.convert_to_tensor(kernel)
+    held = ops.stop_gradient(kernel)
+    u = ops.stop_gradient(ops.cast(u, kernel.dtype))
     v = None
     for _ in range(iterations):
-        v = tf.nn.conv2d(u, held, strides=strides, padding=padding, dilations=dilations)
+        v, adjoint = backend.vjp(lambda t: _conv2d(t, held, strides, padding, dilations), u)
         v = v / safe_norm(v, epsilon=epsilon)
-        u = tf.nn.conv2d_transpose(v, held, input_shape, strides=strides, padding=padding, dilations=dilations)
+        # The adjoint of the convolution (the transposed convolution, with the layer's padding and strides) is
+        # the pullback of the convolution with respect to its input.
+        (u,) = adjoint(v)
         u = u / safe_norm(u, epsilon=epsilon)
-    u, v = tf.stop_gradient(u), tf.stop_gradient(v)
-    sigma = tf.reduce_sum(v * tf.nn.conv2d(u, kernel, strides=strides, padding=padding, dilations=dilations))
+    u, v = ops.stop_gradient(u), ops.stop_gradient(v)
+    sigma = ops.sum(v * _conv2d(u, kernel, strides, padding, dilations))
     return u, sigma

@@ -21,7 +21,7 @@ worst case over that set of every pairwise margin `m_{y,i} = z_y − z_i`, in fo
 Every bound returned is the minimum of the sound bounds computed for it, so `"interval"` is never looser
 than `"activation"` and `"norm"`, and `"linear"` is never looser than `"interval"`.
 
-Only numpy/tensorflow/keras and `keras_wssi.structure` are imported: `keras_wssi.analysis` (the public
+Only numpy/keras, `keras_wssi.backend` and `keras_wssi.structure` are imported: `keras_wssi.analysis` (the public
 certificate) and `keras_wssi.penalties` (the training loss) both build on this module.
 """
 
@@ -29,8 +29,9 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import labels as labels_module
 from keras_wssi import structure
 
@@ -39,6 +40,7 @@ __all__ = [
     "NORMS",
     "activation_norm_bounds",
     "bound_margins",
+    "compute_dtype",
     "dual_norm",
     "labels_vector",
     "layer_radii",
@@ -119,8 +121,21 @@ def validate_layers(layers, names, argument="layers"):
 
 
 def _matrix(kernel):
-    kernel = tf.convert_to_tensor(kernel)
-    return tf.reshape(kernel, [-1, kernel.shape[-1]])
+    kernel = ops.convert_to_tensor(kernel)
+    return ops.reshape(kernel, (-1, kernel.shape[-1]))
+
+
+def _is_tensor(value):
+    return not isinstance(value, (int, float, np.floating, np.integer))
+
+
+def compute_dtype(dtype):
+    """The dtype name for `dtype` (a string or a framework dtype). float64 falls back to float32 where the backend
+    lacks it (JAX without `jax_enable_x64`): the bounds are then computed, less conservatively, in float32."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    if dtype == "float64" and not backend.supports_float64():
+        return "float32"
+    return dtype
 
 
 def operator_norm(kernel, norm="inf"):
@@ -132,23 +147,23 @@ def operator_norm(kernel, norm="inf"):
     """
     norm = validate_weight_norm(norm)
     kernel = _matrix(kernel)
-    if not kernel.dtype.is_floating:
-        kernel = tf.cast(kernel, tf.float32)
+    if not keras.backend.is_float_dtype(kernel.dtype):
+        kernel = ops.cast(kernel, "float32")
     if norm == "inf":
-        return tf.reduce_max(tf.reduce_sum(tf.abs(kernel), axis=0))
+        return ops.max(ops.sum(ops.abs(kernel), axis=0))
     if norm == "1":
-        return tf.reduce_max(tf.reduce_sum(tf.abs(kernel), axis=1))
-    return tf.linalg.svd(kernel, compute_uv=False)[0]
+        return ops.max(ops.sum(ops.abs(kernel), axis=1))
+    return ops.svd(kernel, compute_uv=False)[0]
 
 
 def vector_norm(v, norm):
     """`||v||_p` over the last axis, with p = ∞, 1 or 2 (the 2-norm guarded at 0 for its gradient)."""
     if norm == "inf":
-        return tf.reduce_max(tf.abs(v), axis=-1)
+        return ops.max(ops.abs(v), axis=-1)
     if norm == "1":
-        return tf.reduce_sum(tf.abs(v), axis=-1)
+        return ops.sum(ops.abs(v), axis=-1)
     # Guarded: the gradient of sqrt at 0 is infinite (DESIGN.md §3); 1e-24 changes the value by ≤ 1e-12.
-    return tf.sqrt(tf.reduce_sum(tf.square(v), axis=-1) + tf.constant(1e-24, v.dtype))
+    return ops.sqrt(ops.sum(ops.square(v), axis=-1) + ops.convert_to_tensor(1e-24, v.dtype))
 
 
 def dual_norm(v, norm):
@@ -164,13 +179,13 @@ def pair_constant(norm):
 def labels_vector(labels, num_classes):
     """Integer labels `(N,)` from integer or one-hot labels."""
     sparse, dense = labels_module.sparse_or_dense(labels, num_classes, "labels")
-    return sparse if sparse is not None else tf.argmax(dense, axis=-1, output_type=tf.int32)
+    return sparse if sparse is not None else ops.cast(ops.argmax(dense, axis=-1), "int32")
 
 
 def margins(logits, labels):
     """`m_{y,i} = z_y − z_i` `(B, C)` (0 in column y)."""
-    true = tf.gather(logits, labels, axis=1, batch_dims=1)
-    return true[:, None] - logits
+    true = ops.take_along_axis(logits, ops.cast(ops.reshape(labels, (-1, 1)), "int32"), axis=1)
+    return true - logits
 
 
 def layer_radii(names, kernels, epsilon, layers=None, relative=False, norm="inf", argument="epsilon"):
@@ -207,9 +222,9 @@ def layer_radii(names, kernels, epsilon, layers=None, relative=False, norm="inf"
 
 def perturbed_class_complexity(kernels, radii, norm="inf"):
     """`∏_l (||W_l|| + ε_l)`: the factor through which the perturbed class's complexity grows (a tensor)."""
-    total = tf.ones([], tf.float32)
+    total = ops.ones((), "float32")
     for kernel, radius in zip(kernels, radii):
-        total = total * (tf.cast(operator_norm(kernel, norm), tf.float32) + tf.cast(radius, tf.float32))
+        total = total * (ops.cast(operator_norm(kernel, norm), "float32") + ops.cast(radius, "float32"))
     return total
 
 
@@ -217,53 +232,59 @@ def perturbed_class_complexity(kernels, radii, norm="inf"):
 # "norm" and "activation": chains of operator norms (Dense chains).
 
 
-def activation_norm_bounds(chain, x, labels, radii, norm="inf", mode="norm", kernels=None, scale=None, dtype=tf.float32):
+def activation_norm_bounds(chain, x, labels, radii, norm="inf", mode="norm", kernels=None, scale=None, dtype="float32"):
     """Per-example bounds `(B, C)` on `m_{y,i}(x|W) − m_{y,i}(x|W+Δ)` (0 in column y), modes `"norm"`/`"activation"`.
 
     Differentiable with respect to the kernels. `chain` is a `structure.DenseChain`; `radii` the ε_l (floats
-    or scalar tensors); `scale` an optional per-example factor `(B,)` on every radius.
+    or scalar tensors); `scale` an optional per-example factor `(B,)` on every radius. `dtype`: see
+    `compute_dtype` (float64 is float32 on JAX without x64).
     """
     validate_mode(mode, ("norm", "activation"))
+    dtype = compute_dtype(dtype)
     kernels = chain.kernels if kernels is None else kernels
-    kernels = [tf.cast(k, dtype) for k in kernels]
-    h0 = tf.reshape(tf.cast(x, dtype), [tf.shape(x)[0], -1])
+    kernels = [ops.cast(k, dtype) for k in kernels]
+    x = ops.convert_to_tensor(x)
+    h0 = ops.reshape(ops.cast(x, dtype), (ops.shape(x)[0], -1))
     hidden = _dense_hidden(chain, h0, kernels) if mode == "activation" else [h0]
-    factor = tf.ones_like(h0[:, 0]) if scale is None else tf.cast(scale, dtype)
+    factor = ops.ones_like(h0[:, 0]) if scale is None else ops.cast(scale, dtype)
     h_norm = vector_norm(hidden[0], norm)
-    delta = tf.zeros_like(h_norm)
+    delta = ops.zeros_like(h_norm)
     for index in range(len(kernels) - 1):
-        a = tf.cast(operator_norm(kernels[index], norm), dtype)
+        a = ops.cast(operator_norm(kernels[index], norm), dtype)
         eps = _radius(radii[index], dtype) * factor
         delta = eps * (h_norm + delta) + a * delta
         if mode == "activation":
             h_norm = vector_norm(hidden[index + 1], norm)
         else:
             bias = chain.layers[index].bias
-            bias_norm = vector_norm(tf.cast(bias, dtype), norm) if bias is not None else tf.zeros([], dtype)
+            bias_norm = vector_norm(ops.cast(bias, dtype), norm) if bias is not None else ops.zeros((), dtype)
             h_norm = a * h_norm + bias_norm
     last = kernels[-1]
     num_classes = last.shape[-1]
     labels = labels_vector(labels, num_classes)
-    rows = tf.transpose(last)  # (C, n): row c is W_L[c].
-    differences = tf.gather(rows, labels)[:, None, :] - rows[None, :, :]  # (batch, C, n)
+    rows = ops.transpose(last)  # (C, n): row c is W_L[c].
+    differences = ops.take(rows, labels, axis=0)[:, None, :] - rows[None, :, :]  # (batch, C, n)
     eps_last = _radius(radii[-1], dtype) * factor
     bounds = dual_norm(differences, norm) * delta[:, None] + pair_constant(norm) * (eps_last * (h_norm + delta))[:, None]
-    return bounds * (1.0 - tf.one_hot(labels, num_classes, dtype=dtype))
+    return bounds * (1.0 - ops.one_hot(labels, num_classes, dtype=dtype))
 
 
 def _radius(value, dtype):
-    # tf.cast of a Python float goes through float32 (1e300 would overflow): build constants directly.
-    return tf.cast(value, dtype) if tf.is_tensor(value) else tf.constant(float(value), dtype)
+    # A cast of a Python float goes through float32 (1e300 would overflow): build constants directly.
+    if _is_tensor(value):
+        return ops.cast(value, dtype)
+    with np.errstate(over="ignore"):  # 1e300 in float32 is inf: a vacuous bound, as intended.
+        return ops.convert_to_tensor(np.asarray(float(value), dtype))
 
 
 def _dense_hidden(chain, h, kernels):
     hidden = [h]
     for index, (layer, kernel) in enumerate(zip(chain.layers[:-1], kernels[:-1])):
-        h = tf.matmul(h, kernel)
+        h = ops.matmul(h, kernel)
         if layer.bias is not None:
-            h = h + tf.cast(layer.bias, h.dtype)
+            h = h + ops.cast(layer.bias, h.dtype)
         for fn in chain.activations[index]:
-            h = tf.cast(fn(h), h.dtype)
+            h = ops.cast(fn(h), h.dtype)
         hidden.append(h)
     return hidden
 
@@ -275,14 +296,14 @@ def _dense_hidden(chain, h, kernels):
 def _activation(params, z):
     kind = params["activation"]
     if kind == "piecewise":
-        out = tf.where(z < 0, params["negative_slope"] * z, z)
+        out = ops.where(z < 0, params["negative_slope"] * z, z)
         if params["ceiling"] is not None:
-            out = tf.minimum(out, tf.constant(params["ceiling"], z.dtype))
+            out = ops.minimum(out, ops.convert_to_tensor(params["ceiling"], z.dtype))
         return out
     if kind == "elu":
-        return tf.where(z > 0, z, tf.exp(tf.minimum(z, 0.0)) - 1.0)
+        return ops.where(z > 0, z, ops.exp(ops.minimum(z, 0.0)) - 1.0)
     if kind == "tanh":
-        return tf.tanh(z)
+        return ops.tanh(z)
     raise structure.StructureError(f"No linear relaxation for the activation {kind!r}.")
 
 
@@ -293,65 +314,81 @@ def _relaxation(params, lower, upper):
     if kind == "piecewise" and params["ceiling"] is None:
         # Convex, kink at 0: the chord above; below, the line through 0 of slope 1 or the negative slope.
         slope = params["negative_slope"]
-        unstable = (lower < 0) & (upper > 0)
-        width = tf.where(unstable, upper - lower, tf.ones_like(lower))
+        unstable = ops.logical_and(lower < 0, upper > 0)
+        width = ops.where(unstable, upper - lower, ops.ones_like(lower))
         chord = (su - sl) / width
-        stable_slope = tf.where(lower >= 0, tf.ones_like(lower), tf.fill(tf.shape(lower), tf.constant(slope, lower.dtype)))
-        a_upper = tf.where(unstable, chord, stable_slope)
-        b_upper = tf.where(unstable, sl - chord * lower, tf.zeros_like(lower))
-        adaptive = tf.where(upper >= -lower, tf.ones_like(lower), tf.fill(tf.shape(lower), tf.constant(slope, lower.dtype)))
-        a_lower = tf.where(unstable, adaptive, stable_slope)
-        return a_lower, tf.zeros_like(lower), a_upper, b_upper
+        stable_slope = ops.where(lower >= 0, ops.ones_like(lower), ops.full_like(lower, slope))
+        a_upper = ops.where(unstable, chord, stable_slope)
+        b_upper = ops.where(unstable, sl - chord * lower, ops.zeros_like(lower))
+        adaptive = ops.where(upper >= -lower, ops.ones_like(lower), ops.full_like(lower, slope))
+        a_lower = ops.where(unstable, adaptive, stable_slope)
+        return a_lower, ops.zeros_like(lower), a_upper, b_upper
     # Monotone σ with σ' ≥ s on [l, u]: σ(l) + s (z − l) ≤ σ(z) ≤ σ(u) + s (z − u).
     if kind == "piecewise":
         ceiling = params["ceiling"]
-        candidates = [tf.where(lower < 0, tf.fill(tf.shape(lower), tf.constant(params["negative_slope"], lower.dtype)), 2.0 * tf.ones_like(lower)),
-                      tf.where((lower < ceiling) & (upper > 0), tf.ones_like(lower), 2.0 * tf.ones_like(lower)),
-                      tf.where(upper > ceiling, tf.zeros_like(lower), 2.0 * tf.ones_like(lower))]
-        s = tf.minimum(tf.reduce_min(tf.stack(candidates), axis=0), 1.0)
+        two = 2.0 * ops.ones_like(lower)
+        candidates = [ops.where(lower < 0, ops.full_like(lower, params["negative_slope"]), two),
+                      ops.where(ops.logical_and(lower < ceiling, upper > 0), ops.ones_like(lower), two),
+                      ops.where(upper > ceiling, ops.zeros_like(lower), two)]
+        s = ops.minimum(ops.min(ops.stack(candidates), axis=0), 1.0)
     elif kind == "elu":
-        s = tf.exp(tf.minimum(lower, 0.0))
+        s = ops.exp(ops.minimum(lower, 0.0))
     else:  # tanh: σ' = 1 − tanh², unimodal with its peak at 0, so its minimum is at an end.
-        s = tf.minimum(1.0 - tf.square(tf.tanh(lower)), 1.0 - tf.square(tf.tanh(upper)))
+        s = ops.minimum(1.0 - ops.square(ops.tanh(lower)), 1.0 - ops.square(ops.tanh(upper)))
     return s, sl - s * lower, s, su - s * upper
 
 
 def _apply_linear(op, h):
     layer = op.layer
     if op.params.get("flatten") and isinstance(layer, L.Flatten):
-        return tf.reshape(h, [tf.shape(h)[0], -1])
+        return ops.reshape(h, (ops.shape(h)[0], -1))
     if isinstance(layer, L.Reshape):
-        return tf.reshape(h, [tf.shape(h)[0], *layer.target_shape])
+        return ops.reshape(h, (ops.shape(h)[0], *layer.target_shape))
     if isinstance(layer, L.AveragePooling2D):
-        return tf.nn.avg_pool2d(h, layer.pool_size, layer.strides, str(layer.padding).upper())
+        return ops.average_pool(h, layer.pool_size, layer.strides, str(layer.padding).lower(), data_format="channels_last")
     if isinstance(layer, L.GlobalAveragePooling2D):
-        return tf.reduce_mean(h, axis=[1, 2], keepdims=bool(layer.keepdims))
+        return ops.mean(h, axis=[1, 2], keepdims=bool(layer.keepdims))
     if isinstance(layer, L.ZeroPadding2D):
         (top, bottom), (left, right) = layer.padding
-        return tf.pad(h, [[0, 0], [top, bottom], [left, right], [0, 0]])
+        return ops.pad(h, [[0, 0], [top, bottom], [left, right], [0, 0]])
     raise structure.StructureError(f"No bound propagation for layer {layer.name!r} ({type(layer).__name__}).")
 
 
+def _padding(op):
+    return str(op.params["padding"]).lower()
+
+
 def _conv(h, kernel, op):
-    return tf.nn.conv2d(h, kernel, op.params["strides"], op.params["padding"])
+    return ops.conv(h, kernel, op.params["strides"], _padding(op), data_format="channels_last")
+
+
+def _conv_adjoint(cotangent, kernel, op, input_shape):
+    """`convᵀ` applied to `cotangent` `(N, H', W', C_out)`: the exact adjoint (padding and strides included) of
+    `h ↦ conv(h, kernel)` on inputs `(N, *input_shape)`, as the VJP of the convolution (differentiable in `kernel`)."""
+    zeros = ops.zeros((ops.shape(cotangent)[0], *input_shape), cotangent.dtype)
+    _, pullback = backend.vjp(lambda h: _conv(h, kernel, op), zeros)
+    return pullback(cotangent)[0]
 
 
 def _patches(h, op):
-    kh, kw = op.params["kernel_size"]
-    sh, sw = op.params["strides"]
-    return tf.image.extract_patches(h, [1, kh, kw, 1], [1, sh, sw, 1], [1, 1, 1, 1], op.params["padding"])
+    """The `(k_h, k_w, C)` input patch under every output position, `(B, H', W', k_h k_w C)`. (The order of the
+    patch's entries may differ between backends; every use here is invariant to it.)"""
+    return ops.image.extract_patches(
+        h, tuple(op.params["kernel_size"]), strides=tuple(op.params["strides"]), padding=_padding(op),
+        data_format="channels_last",
+    )
 
 
 def _patch_norms(magnitude, op, norm):
     """`||patch||_p` of the non-negative tensor `magnitude` `(B, H, W, C)` at each output position `(B, H', W', 1)`."""
     kh, kw = op.params["kernel_size"]
     if norm == "inf":
-        per_pixel = tf.reduce_max(magnitude, axis=-1, keepdims=True)
-        return tf.nn.max_pool2d(per_pixel, [kh, kw], op.params["strides"], op.params["padding"])
-    power = magnitude if norm == "1" else tf.square(magnitude)
-    per_pixel = tf.reduce_sum(power, axis=-1, keepdims=True)
-    total = tf.nn.conv2d(per_pixel, tf.ones([kh, kw, 1, 1], per_pixel.dtype), op.params["strides"], op.params["padding"])
-    return total if norm == "1" else tf.sqrt(tf.maximum(total, 0.0))
+        per_pixel = ops.max(magnitude, axis=-1, keepdims=True)
+        return ops.max_pool(per_pixel, (kh, kw), op.params["strides"], _padding(op), data_format="channels_last")
+    power = magnitude if norm == "1" else ops.square(magnitude)
+    per_pixel = ops.sum(power, axis=-1, keepdims=True)
+    total = ops.conv(per_pixel, ops.ones((kh, kw, 1, 1), per_pixel.dtype), op.params["strides"], _padding(op), data_format="channels_last")
+    return total if norm == "1" else ops.sqrt(ops.maximum(total, 0.0))
 
 
 class _State:
@@ -368,14 +405,15 @@ class _State:
 
 
 def _flat_sum(t, keep):
-    return tf.reduce_sum(tf.reshape(t, [tf.shape(t)[0], tf.shape(t)[1], -1]), axis=-1) if keep == 2 else tf.reduce_sum(
-        tf.reshape(t, [tf.shape(t)[0], -1]), axis=-1)
+    shape = ops.shape(t)
+    return ops.sum(ops.reshape(t, (shape[0], shape[1], -1)), axis=-1) if keep == 2 else ops.sum(
+        ops.reshape(t, (shape[0], -1)), axis=-1)
 
 
 def _backward(chain, state, index, lam, norm):
     """A lower bound `(B, S)` of `⟨Λ_s, out_index(x|Ŵ)⟩` over the perturbation set, `lam` `(B, S, *shape)`."""
-    const = tf.zeros(tf.shape(lam)[:2], lam.dtype)
-    batch, specs = tf.shape(lam)[0], tf.shape(lam)[1]
+    const = ops.zeros(ops.shape(lam)[:2], lam.dtype)
+    batch, specs = ops.shape(lam)[0], ops.shape(lam)[1]
     for j in range(index, -1, -1):
         op = chain.ops[j]
         lower, upper, clean = state.inputs[j]
@@ -384,56 +422,51 @@ def _backward(chain, state, index, lam, norm):
             const += _flat_sum(lam * state.first_output[:, None], 2)
             if op.kind == "dense":
                 return const - state.eps[j][:, None] * dual_norm(lam, norm) * state.budget[j][:, None]
-            g = tf.einsum("bshwo,bhwk->bsko", lam, _patches(clean, op))
+            g = ops.einsum("bshwo,bhwk->bsko", lam, _patches(clean, op))
             if norm == "2":
-                term = tf.reduce_sum(tf.linalg.svd(g, compute_uv=False), axis=-1)
+                term = ops.sum(ops.svd(g, compute_uv=False), axis=-1)
             else:
-                term = tf.reduce_sum(tf.reduce_max(tf.abs(g), axis=-2 if norm == "inf" else -1), axis=-1)
+                term = ops.sum(ops.max(ops.abs(g), axis=-2 if norm == "inf" else -1), axis=-1)
             return const - state.eps[j][:, None] * term
         if op.kind == "dense":
             kernel, bias = state.kernels[j], state.biases[j]
             if bias is not None:
-                const += tf.einsum("bso,o->bs", lam, bias)
+                const += ops.einsum("bso,o->bs", lam, bias)
             const -= state.eps[j][:, None] * dual_norm(lam, norm) * state.budget[j][:, None]
-            lam = tf.einsum("bso,io->bsi", lam, kernel)
+            lam = ops.einsum("bso,io->bsi", lam, kernel)
         elif op.kind == "conv":
             kernel, bias = state.kernels[j], state.biases[j]
             if bias is not None:
-                const += tf.einsum("bshwo,o->bs", lam, bias)
+                const += ops.einsum("bshwo,o->bs", lam, bias)
             center, radius = (lower + upper) / 2.0, (upper - lower) / 2.0
             pc = _patches(center, op)
-            g = tf.einsum("bshwo,bhwk->bsko", lam, pc)
+            g = ops.einsum("bshwo,bhwk->bsko", lam, pc)
             if norm == "2":
-                term = tf.reduce_sum(tf.linalg.svd(g, compute_uv=False), axis=-1)
+                term = ops.sum(ops.svd(g, compute_uv=False), axis=-1)
                 pr = vector_norm(_patches(radius, op), "2")  # (B, H', W')
-                term += tf.einsum("bshw,bhw->bs", vector_norm(lam, "2"), pr)
+                term += ops.einsum("bshw,bhw->bs", vector_norm(lam, "2"), pr)
             else:
-                spread = tf.einsum("bshwo,bhwk->bsko", tf.abs(lam), _patches(radius, op))
-                total = tf.abs(g) + spread
-                term = tf.reduce_sum(tf.reduce_max(total, axis=-2 if norm == "inf" else -1), axis=-1)
+                spread = ops.einsum("bshwo,bhwk->bsko", ops.abs(lam), _patches(radius, op))
+                total = ops.abs(g) + spread
+                term = ops.sum(ops.max(total, axis=-2 if norm == "inf" else -1), axis=-1)
             const -= state.eps[j][:, None] * term
-            in_shape = tf.shape(clean)
-            flat = tf.reshape(lam, tf.concat([[batch * specs], tf.shape(lam)[2:]], 0))
-            back = tf.nn.conv2d_transpose(
-                flat, kernel, tf.concat([[batch * specs], in_shape[1:]], 0), op.params["strides"], op.params["padding"]
-            )
-            lam = tf.reshape(back, tf.concat([[batch, specs], in_shape[1:]], 0))
+            in_shape = tuple(clean.shape[1:])
+            flat = ops.reshape(lam, (batch * specs, *lam.shape[2:]))
+            back = _conv_adjoint(flat, kernel, op, in_shape)
+            lam = ops.reshape(back, (batch, specs, *in_shape))
         elif op.kind == "scale":
             s, t = state.kernels[j], state.biases[j]
             const += _flat_sum(lam * t, 2)
             lam = lam * s
         elif op.kind == "linear":
-            in_shape = tf.shape(clean)
-            flat = tf.reshape(lam, tf.concat([[batch * specs], tf.shape(lam)[2:]], 0))
-            zeros = tf.zeros(tf.concat([[batch * specs], in_shape[1:]], 0), lam.dtype)
-            with tf.GradientTape() as tape:
-                tape.watch(zeros)
-                out = _apply_linear(op, zeros)
-            back = tape.gradient(out, zeros, output_gradients=flat)
-            lam = tf.reshape(back, tf.concat([[batch, specs], in_shape[1:]], 0))
+            in_shape = tuple(clean.shape[1:])
+            flat = ops.reshape(lam, (batch * specs, *lam.shape[2:]))
+            zeros = ops.zeros((batch * specs, *in_shape), lam.dtype)
+            _, pullback = backend.vjp(lambda h: _apply_linear(op, h), zeros)
+            lam = ops.reshape(pullback(flat)[0], (batch, specs, *in_shape))
         elif op.kind == "activation":
             a_lower, b_lower, a_upper, b_upper = _relaxation(op.params, lower, upper)
-            positive, negative = tf.nn.relu(lam), -tf.nn.relu(-lam)
+            positive, negative = ops.relu(lam), -ops.relu(-lam)
             const += _flat_sum(positive * b_lower[:, None] + negative * b_upper[:, None], 2)
             lam = positive * a_lower[:, None] + negative * a_upper[:, None]
         elif op.kind == "max_pool":
@@ -444,36 +477,47 @@ def _backward(chain, state, index, lam, norm):
     return const + _flat_sum(lam * state.inputs[0][2][:, None], 2)
 
 
+def _max_pool(h, op, pool=None):
+    return ops.max_pool(h, pool or op.params["pool_size"], op.params["strides"], _padding(op), data_format="channels_last")
+
+
 def _max_pool_backward(op, lam, lower, upper, clean):
     """Max-pool relaxation: `z_{j*} ≤ max_window z ≤ z_{j*} + max(0, max_{j≠j*} u_j − l_{j*})`, j* the
-    arg-max at the box centre. Returns the coefficients on the pool's input and the offsets `Λ⁻ · gap`."""
-    pool, strides, padding = op.params["pool_size"], op.params["strides"], op.params["padding"]
-    center = (lower + upper) / 2.0
-    pooled, argmax = tf.nn.max_pool_with_argmax(center, pool, strides, padding, include_batch_in_index=True)
-    argmax = tf.reshape(argmax, [-1])
-    lower_selected = tf.reshape(tf.gather(tf.reshape(lower, [-1]), argmax), tf.shape(pooled))
+    arg-max at the box centre. Returns the coefficients on the pool's input and the offsets `Λ⁻ · gap`.
+
+    The arg-max routing is the derivative of the pool at the centre (the first maximum of each window, on every
+    backend): its VJP sends each window's coefficient to j*, and its JVP reads `l_{j*}`.
+    """
+    pool, strides = op.params["pool_size"], op.params["strides"]
+    center = ops.stop_gradient((lower + upper) / 2.0)
+    pooled, pullback = backend.vjp(lambda h: _max_pool(h, op), center)
+    # The JVP `t ↦ t_{j*}` per window, as the VJP of the (linear) pullback.
+    _, select = backend.vjp(lambda c: pullback(c)[0], ops.zeros_like(pooled))
+    lower_selected = select(lower)[0]
     if any(s < p for s, p in zip(strides, pool)):
         # Overlapping windows: an arg-max of one window may be a competitor in another; keep it (sound).
-        others = tf.nn.max_pool2d(upper, pool, strides, padding)
+        others = _max_pool(upper, op)
     else:
-        selected = tf.scatter_nd(argmax[:, None], tf.ones_like(argmax, dtype=tf.int32), tf.size(upper, out_type=tf.int64)[None])
-        masked = tf.where(tf.reshape(selected, tf.shape(upper)) > 0, tf.fill(tf.shape(upper), tf.constant(-np.inf, upper.dtype)), upper)
-        others = tf.nn.max_pool2d(masked, pool, strides, padding)
-    gap = tf.nn.relu(others - lower_selected)  # (B, H', W', C); a one-element window gives relu(−∞) = 0.
-    offsets = tf.minimum(lam, 0.0) * gap[:, None]
-    specs = tf.shape(lam)[1]
-    data = tf.reshape(tf.transpose(lam, [0, 2, 3, 4, 1]), [-1, specs])
-    back = tf.math.unsorted_segment_sum(data, argmax, tf.size(clean, out_type=tf.int64))
-    back = tf.transpose(tf.reshape(back, tf.concat([tf.shape(clean), [specs]], 0)), [0, 4, 1, 2, 3])
-    return back, offsets
+        selected = ops.stop_gradient(pullback(ops.ones_like(pooled))[0])
+        masked = ops.where(selected > 0, ops.full_like(upper, -np.inf), upper)
+        others = _max_pool(masked, op)
+    gap = ops.relu(others - lower_selected)  # (B, H', W', C); a one-element window gives relu(−∞) = 0.
+    offsets = ops.minimum(lam, 0.0) * gap[:, None]
+    # Every spec's coefficients routed at once: the pool acts per channel, so specs are stacked as channels.
+    specs, channels = lam.shape[1], lam.shape[-1]
+    out_shape, in_shape = tuple(lam.shape[2:4]), tuple(clean.shape[1:3])
+    stacked = ops.reshape(ops.transpose(lam, (0, 2, 3, 1, 4)), (-1, *out_shape, specs * channels))
+    _, routed = backend.vjp(lambda h: _max_pool(h, op), ops.tile(center, (1, 1, 1, specs)))
+    back = ops.reshape(routed(stacked)[0], (-1, *in_shape, specs, channels))
+    return ops.transpose(back, (0, 3, 1, 2, 4)), offsets
 
 
 def _forward_dense(lower, upper, kernel, bias, eps, budget):
     center, radius = (lower + upper) / 2.0, (upper - lower) / 2.0
-    mid = tf.matmul(center, kernel)
+    mid = ops.matmul(center, kernel)
     if bias is not None:
         mid = mid + bias
-    spread = tf.matmul(radius, tf.abs(kernel)) + (eps * budget)[:, None]
+    spread = ops.matmul(radius, ops.abs(kernel)) + (eps * budget)[:, None]
     return mid - spread, mid + spread
 
 
@@ -488,7 +532,7 @@ def bound_margins(
     dense=None,
     kernels=None,
     refine_limit=1024,
-    dtype=tf.float64,
+    dtype="float64",
 ):
     """Lower bounds of every perturbed margin `min_{||Δ_l|| ≤ ε_l} m_{y,i}(x | W + Δ)`, per example.
 
@@ -506,7 +550,8 @@ def bound_margins(
             inputs come through Dense layers only are tightened by the linear bound itself (one backward pass per
             neuron, batched in chunks); 0 disables it. (After convolutions it was measured to tighten the CNN's
             radii by ~25 % for ~10× the time, so it is not done there.)
-        dtype: the computation dtype (float64 by default, so that rounding cannot break a certificate).
+        dtype: the computation dtype (float64 by default, so that rounding cannot break a certificate; on JAX
+            without `jax_enable_x64` float64 is unavailable and float32 is used, see `compute_dtype`).
 
     Returns:
         A dict: `logits` `(B, C)` of the unperturbed network, `margins` `(B, C)`, `lower` `(B, C)` (0 in
@@ -514,9 +559,10 @@ def bound_margins(
         the perturbation set.
     """
     validate_mode(mode, ("interval", "linear"))
-    x = tf.cast(x, dtype)
-    batch = tf.shape(x)[0]
-    factor = tf.ones([batch], dtype) if scale is None else tf.cast(scale, dtype)
+    dtype = compute_dtype(dtype)
+    x = ops.cast(x, dtype)
+    batch = ops.shape(x)[0]
+    factor = ops.ones((batch,), dtype) if scale is None else ops.cast(scale, dtype)
     weight_ops = chain.weight_ops
     kernels = [op.layer.kernel for op in weight_ops] if kernels is None else list(kernels)
     use_ball = dense is not None
@@ -528,41 +574,41 @@ def bound_margins(
     last = len(chain.ops) - 1
     for j, op in enumerate(chain.ops):
         if op.kind in ("dense", "conv"):
-            kernel = tf.cast(kernels[weight_index], dtype)
-            bias = None if op.layer.bias is None else tf.cast(op.layer.bias, dtype)
+            kernel = ops.cast(kernels[weight_index], dtype)
+            bias = None if op.layer.bias is None else ops.cast(op.layer.bias, dtype)
             eps = _radius(radii[weight_index], dtype) * factor
-            magnitude = tf.maximum(tf.abs(lower), tf.abs(upper))
+            magnitude = ops.maximum(ops.abs(lower), ops.abs(upper))
             if op.kind == "dense":
-                if lower.shape.rank != 2:
+                if len(lower.shape) != 2:
                     raise structure.StructureError(
-                        f"Dense layer {op.name!r} is applied to a rank-{lower.shape.rank} tensor; the bounds need "
+                        f"Dense layer {op.name!r} is applied to a rank-{len(lower.shape)} tensor; the bounds need "
                         "flat inputs (add a Flatten layer)."
                     )
                 if use_ball:
                     if weight_index == 0:
-                        h_norm, delta = vector_norm(clean, norm), tf.zeros([batch], dtype)
+                        h_norm, delta = vector_norm(clean, norm), ops.zeros((batch,), dtype)
                     else:
                         h_norm = vector_norm(clean, norm)
-                        lower = tf.maximum(lower, clean - delta[:, None])
-                        upper = tf.minimum(upper, clean + delta[:, None])
-                        magnitude = tf.maximum(tf.abs(lower), tf.abs(upper))
+                        lower = ops.maximum(lower, clean - delta[:, None])
+                        upper = ops.minimum(upper, clean + delta[:, None])
+                        magnitude = ops.maximum(ops.abs(lower), ops.abs(upper))
                 budget = vector_norm(magnitude, norm)
                 if use_ball:
-                    budget = tf.minimum(budget, h_norm + delta)
+                    budget = ops.minimum(budget, h_norm + delta)
                 state.inputs.append((lower, upper, clean))
                 state.budget[j] = budget
                 lower, upper = _forward_dense(lower, upper, kernel, bias, eps, budget)
-                clean = tf.matmul(clean, kernel) + (bias if bias is not None else 0.0)
+                clean = ops.matmul(clean, kernel) + (bias if bias is not None else 0.0)
                 if use_ball:
-                    delta = eps * (h_norm + delta) + tf.cast(operator_norm(kernel, norm), dtype) * delta
-                    lower = tf.maximum(lower, clean - delta[:, None])
-                    upper = tf.minimum(upper, clean + delta[:, None])
+                    delta = eps * (h_norm + delta) + ops.cast(operator_norm(kernel, norm), dtype) * delta
+                    lower = ops.maximum(lower, clean - delta[:, None])
+                    upper = ops.minimum(upper, clean + delta[:, None])
             else:
                 dense_prefix = False
                 state.inputs.append((lower, upper, clean))
                 center, radius = (lower + upper) / 2.0, (upper - lower) / 2.0
                 mid = _conv(center, kernel, op) + (bias if bias is not None else 0.0)
-                spread = _conv(radius, tf.abs(kernel), op) + eps[:, None, None, None] * _patch_norms(magnitude, op, norm)
+                spread = _conv(radius, ops.abs(kernel), op) + eps[:, None, None, None] * _patch_norms(magnitude, op, norm)
                 lower, upper = mid - spread, mid + spread
                 clean = _conv(clean, kernel, op) + (bias if bias is not None else 0.0)
             state.eps[j], state.kernels[j], state.biases[j] = eps, kernel, bias
@@ -571,17 +617,17 @@ def bound_margins(
             width = int(lower.shape[-1])
             if mode == "linear" and op.kind == "dense" and j < last and weight_index > 0 and dense_prefix and width <= refine_limit:
                 # Backward passes from ±e_k for every neuron k, in chunks that bound the memory.
-                identity = tf.eye(width, dtype=dtype)
-                specs = tf.concat([identity, -identity], 0)
+                identity = ops.eye(width, dtype=dtype)
+                specs = ops.concatenate([identity, -identity], 0)
                 largest = max(int(np.prod(low.shape[1:])) for low, _, _ in state.inputs)
                 chunk = max(1, min(2 * width, _REFINE_ELEMENTS // (max(int(x.shape[0] or 1), 1) * largest)))
-                refined = tf.concat(
-                    [_backward(chain, state, j, tf.tile(specs[start : start + chunk][None], [batch, 1, 1]), norm)
+                refined = ops.concatenate(
+                    [_backward(chain, state, j, ops.tile(specs[start : start + chunk][None], (batch, 1, 1)), norm)
                      for start in range(0, 2 * width, chunk)],
                     axis=1,
                 )
-                lower = tf.maximum(lower, refined[:, :width])
-                upper = tf.minimum(upper, -refined[:, width:])
+                lower = ops.maximum(lower, refined[:, :width])
+                upper = ops.minimum(upper, -refined[:, width:])
             weight_index += 1
             continue
         state.inputs.append((lower, upper, clean))
@@ -591,13 +637,12 @@ def bound_margins(
             s, t = op.scale_shift(dtype)
             state.kernels[j], state.biases[j] = s, t
             center, radius = (lower + upper) / 2.0, (upper - lower) / 2.0
-            lower, upper = center * s + t - radius * tf.abs(s), center * s + t + radius * tf.abs(s)
+            lower, upper = center * s + t - radius * ops.abs(s), center * s + t + radius * ops.abs(s)
             clean = clean * s + t
         elif op.kind == "linear":
             lower, upper, clean = (_apply_linear(op, t) for t in (lower, upper, clean))
         elif op.kind == "max_pool":
-            pool, strides, padding = op.params["pool_size"], op.params["strides"], op.params["padding"]
-            lower, upper, clean = (tf.nn.max_pool2d(t, pool, strides, padding) for t in (lower, upper, clean))
+            lower, upper, clean = (_max_pool(t, op) for t in (lower, upper, clean))
         else:  # pragma: no cover
             raise structure.StructureError(f"Unknown op kind {op.kind!r}.")
 
@@ -605,24 +650,24 @@ def bound_margins(
     num_classes = int(logits.shape[-1])
     labels = labels_vector(labels, num_classes)
     clean_margins = margins(logits, labels)
-    off_diagonal = 1.0 - tf.one_hot(labels, num_classes, dtype=dtype)
+    off_diagonal = 1.0 - ops.one_hot(labels, num_classes, dtype=dtype)
     # Interval bound of the margins, eliding the last layer: the row difference W_L[y] − W_L[i] acts on the box.
     in_lower, in_upper, _ = state.inputs[last]
     center, radius = (in_lower + in_upper) / 2.0, (in_upper - in_lower) / 2.0
     kernel, bias = state.kernels[last], state.biases[last]
-    rows = tf.transpose(kernel)
-    differences = tf.gather(rows, labels)[:, None, :] - rows[None, :, :]  # (B, C, n)
-    lower_bound = tf.einsum("bcn,bn->bc", differences, center) - tf.einsum("bcn,bn->bc", tf.abs(differences), radius)
+    rows = ops.transpose(kernel)
+    differences = ops.take(rows, labels, axis=0)[:, None, :] - rows[None, :, :]  # (B, C, n)
+    lower_bound = ops.einsum("bcn,bn->bc", differences, center) - ops.einsum("bcn,bn->bc", ops.abs(differences), radius)
     if bias is not None:
-        lower_bound += tf.gather(bias, labels)[:, None] - bias[None, :]
+        lower_bound += ops.take(bias, labels, axis=0)[:, None] - bias[None, :]
     lower_bound -= pair_constant(norm) * (state.eps[last] * state.budget[last])[:, None]
     if mode == "linear":
-        lam = (tf.one_hot(labels, num_classes, dtype=dtype)[:, None, :] - tf.eye(num_classes, dtype=dtype)[None]) * off_diagonal[..., None]
-        lower_bound = tf.maximum(lower_bound, _backward(chain, state, last, lam, norm))
+        lam = (ops.one_hot(labels, num_classes, dtype=dtype)[:, None, :] - ops.eye(num_classes, dtype=dtype)[None]) * off_diagonal[..., None]
+        lower_bound = ops.maximum(lower_bound, _backward(chain, state, last, lam, norm))
     if use_ball:
         for other in ("activation", "norm"):
-            dense_kernels = [tf.cast(k, dtype) for k in kernels]
+            dense_kernels = [ops.cast(k, dtype) for k in kernels]
             drop = activation_norm_bounds(dense, x, labels, radii, norm, other, dense_kernels, factor, dtype)
-            lower_bound = tf.maximum(lower_bound, clean_margins - drop)
+            lower_bound = ops.maximum(lower_bound, clean_margins - drop)
     boxes = [(low, high) for low, high, _ in state.inputs]
     return {"logits": logits, "margins": clean_margins, "lower": lower_bound * off_diagonal, "boxes": boxes}

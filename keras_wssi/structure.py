@@ -10,7 +10,7 @@ import math
 import warnings
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 __all__ = [
     "DenseChain",
@@ -515,14 +515,15 @@ class DenseChain:
     def hidden(self, x, kernels=None):
         """The hidden activations `[h_0 = flatten(x), h_1, …, h_{L-1}]` and the logits (float32)."""
         kernels = self.kernels if kernels is None else kernels
-        h = tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])
+        x = ops.convert_to_tensor(x)
+        h = ops.reshape(ops.cast(x, "float32"), [ops.shape(x)[0], -1])
         hidden = [h]
         for index, (layer, kernel) in enumerate(zip(self.layers, kernels)):
-            h = tf.matmul(h, tf.cast(kernel, tf.float32))
+            h = ops.matmul(h, ops.cast(kernel, "float32"))
             if layer.bias is not None:
-                h = h + tf.cast(layer.bias, tf.float32)
+                h = h + ops.cast(layer.bias, "float32")
             for fn in self.activations[index]:
-                h = tf.cast(fn(h), tf.float32)
+                h = ops.cast(fn(h), "float32")
             if index < len(self.layers) - 1:
                 hidden.append(h)
         return hidden, h
@@ -658,17 +659,18 @@ class ChainOp:
     def name(self):
         return self.layer.name
 
-    def scale_shift(self, dtype=tf.float32):
+    def scale_shift(self, dtype="float32"):
         """For `"scale"` ops: the inference-mode BatchNorm as `(s, t)` tensors, `s = γ/sqrt(var + eps)`,
         `t = β − mean · s`, computed in `dtype`."""
         layer = self.layer
-        variance = tf.cast(layer.moving_variance, dtype)
-        scale = 1.0 / tf.sqrt(variance + tf.constant(float(layer.epsilon), dtype))
+        dtype = keras.backend.standardize_dtype(dtype)
+        variance = ops.cast(layer.moving_variance, dtype)
+        scale = 1.0 / ops.sqrt(variance + ops.convert_to_tensor(float(layer.epsilon), dtype))
         if layer.gamma is not None:
-            scale = scale * tf.cast(layer.gamma, dtype)
-        shift = -tf.cast(layer.moving_mean, dtype) * scale
+            scale = scale * ops.cast(layer.gamma, dtype)
+        shift = -ops.cast(layer.moving_mean, dtype) * scale
         if layer.beta is not None:
-            shift = shift + tf.cast(layer.beta, dtype)
+            shift = shift + ops.cast(layer.beta, dtype)
         return scale, shift
 
 
@@ -707,7 +709,7 @@ def _activation_op(layer, fn, name, method, where):
     if name == "linear":
         return None
     if name in ("relu", "leaky_relu"):
-        slope = 0.0 if name == "relu" else -float(tf.reshape(fn(tf.constant([-1.0])), [-1])[0])
+        slope = 0.0 if name == "relu" else -float(ops.convert_to_numpy(fn(ops.convert_to_tensor([-1.0], "float32"))).reshape(-1)[0])
         return ChainOp("activation", layer, fn, {"activation": "piecewise", "negative_slope": slope, "ceiling": None})
     if name == "relu6":
         return ChainOp("activation", layer, fn, {"activation": "piecewise", "negative_slope": 0.0, "ceiling": 6.0})
@@ -812,7 +814,7 @@ def feedforward_chain(model, method="The weight-perturbation certificate"):
             ops.append(ChainOp("scale", layer))
             continue
         if isinstance(layer, L.Flatten):
-            ops.append(ChainOp("linear", layer, lambda h: tf.reshape(h, [tf.shape(h)[0], -1]), {"flatten": True}))
+            ops.append(ChainOp("linear", layer, lambda h: ops.reshape(h, [ops.shape(h)[0], -1]), {"flatten": True}))
             continue
         if isinstance(layer, L.Reshape):
             ops.append(ChainOp("linear", layer, layer, {"flatten": len(layer.target_shape) == 1}))

@@ -16,6 +16,38 @@ def tf_functions(function):
     return found
 
 
+def _jitted_functions(function, seen=None):
+    """The `jax.jit` functions behind a Keras JAX train/test function (searched through its closures)."""
+    seen = set() if seen is None else seen
+    if id(function) in seen:
+        return []
+    seen.add(id(function))
+    if hasattr(function, "_cache_size"):
+        return [function]
+    found = []
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            continue
+        if callable(value):
+            found.extend(_jitted_functions(value, seen))
+    return found
+
+
+def compiled_count(function):
+    """How many compiled programs sit behind a Keras train/test function: concrete functions of its
+    `tf.function`s on TensorFlow, `jax.jit` cache entries on JAX. A test compares it before and after more steps
+    to prove that nothing retraces; it fails if no compiled function is found."""
+    if BACKEND == "jax":
+        functions = _jitted_functions(function)
+        assert functions, "expected the step to be a jax.jit function"
+        return sum(f._cache_size() for f in functions)
+    functions = tf_functions(function)
+    assert functions, "expected the step to be a tf.function"
+    return sum(len(f._list_all_concrete_functions()) for f in functions)
+
+
 def small_trained_mlp(data_dir, examples):
     """A 784-64-10 MLP trained 2 epochs on 3,000 real MNIST images (seed 0), and the first `examples` test images
     and labels: the model the attack tests attack."""

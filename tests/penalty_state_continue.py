@@ -29,13 +29,14 @@ def main(manifest_path):
         handle.write(hint)
 
     sys.path.insert(0, manifest["repo_root"])
-    import tensorflow as tf
-
     import keras_wssi as kw
     from test_penalty_state import batches
     from test_penalty_state import build_model
 
-    tf.config.experimental.enable_op_determinism()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     for entry in manifest["entries"]:
         keras.utils.set_random_seed(entry["seed"])
         if entry["kind"] == "keras":

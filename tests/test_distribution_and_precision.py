@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_wssi as kw
+from _testing import tensorflow_only
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PENALTY_NAMES = sorted(kw.penalties.registered_penalties())
@@ -30,6 +31,7 @@ RANDOMIZED = {
 
 
 @pytest.mark.slow
+@tensorflow_only("tf.distribute.MirroredStrategy; JAX scale-out is tested in tests/test_jax_data_parallel.py")
 def test_mirrored_strategy_matches_one_device_for_every_penalty():
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, "distributed_training_check.py")],

@@ -18,6 +18,10 @@ import sys
 import numpy as np
 import pytest
 
+from _testing import tensorflow_only
+
+pytestmark = tensorflow_only("MultiWorkerMirroredStrategy; JAX scale-out is tested in tests/test_jax_data_parallel.py")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "multi_worker_check.py")
 TIMEOUT_S = 120

@@ -12,10 +12,10 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_wssi as kw
-from _testing import tf_functions
+from _testing import BACKEND
+from _testing import compiled_count
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PENALTY_NAMES = sorted(kw.penalties.registered_penalties())
@@ -69,7 +69,10 @@ def resumed_in_fresh_process(tmp_path_factory):
     """Trains STEPS steps of every case here, saves it, continues MORE_STEPS steps in a new process; also runs
     the uninterrupted STEPS + MORE_STEPS steps here. Returns {case: (uninterrupted, resumed, saved_paths)}."""
     folder = tmp_path_factory.mktemp("state")
-    tf.config.experimental.enable_op_determinism()
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     entries, expected = [], {}
     for index, (name, kind, jit_compile) in enumerate(_cases()):
         seed = 100 + index
@@ -164,23 +167,21 @@ def test_changing_strength_changes_the_loss_by_delta_times_value_without_retraci
     penalty = model.penalties[0]
     x, y = batches(5)[0]
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    functions = tf_functions(model.test_function)
     model.evaluate(x, y, verbose=0)
-    traces = sum(len(f._list_all_concrete_functions()) for f in functions)
+    traces = compiled_count(model.test_function)
     first = model.evaluate(x, y, verbose=0, return_dict=True)
     penalty.strength = 1000.0
     second = model.evaluate(x, y, verbose=0, return_dict=True)
-    assert sum(len(f._list_all_concrete_functions()) for f in functions) == traces, "changing strength retraced"
+    assert compiled_count(model.test_function) == traces, "changing strength retraced"
     value = first["input_gradient"]
     assert value > 0 and second["input_gradient"] == pytest.approx(value, rel=1e-6)
     assert second["loss"] - first["loss"] == pytest.approx((1000.0 - 0.05) * value, rel=1e-4)
     assert penalty.get_config()["strength"] == 1000.0
     # Training reads the new strength too: one SGD step moves the weights by the larger gradient.
-    train_traces = None
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    train_traces = sum(len(f._list_all_concrete_functions()) for f in tf_functions(model.train_function))
+    train_traces = compiled_count(model.train_function)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert sum(len(f._list_all_concrete_functions()) for f in tf_functions(model.train_function)) == train_traces
+    assert compiled_count(model.train_function) == train_traces
 
 
 def test_strength_schedule_callback_warms_up_and_is_logged():
@@ -219,7 +220,8 @@ def test_a_penalty_built_for_one_model_is_refused_by_another():
 
 @pytest.mark.parametrize("name", ["input_gradient", "jacobian_spectral_norm", "weissi"])
 def test_penalty_loss_in_a_custom_loop_equals_the_train_step(name):
-    """`keras_wssi.penalty_loss` inside a hand-written GradientTape step gives the same update as `fit`."""
+    """`keras_wssi.penalty_loss` inside a hand-written step (a GradientTape on TensorFlow, `jax.value_and_grad`
+    over a stateless scope on JAX, as in docs/penalties_as_state.md) gives the same update as `fit`."""
     x, y = batches(9)[0]
     keras.utils.set_random_seed(9)
     model = build_model(name, optimizer="sgd")
@@ -229,14 +231,38 @@ def test_penalty_loss_in_a_custom_loop_equals_the_train_step(name):
     cls, defaults = kw.penalties.registered_penalties()[name]
     penalties = [cls(**{**defaults, "strength": 0.05})]
     optimizer = keras.optimizers.SGD(0.05)
-    with tf.GradientTape() as tape:
-        result = kw.penalty_loss(custom, penalties, tf.constant(x), tf.constant(y))
-        loss = tf.reduce_mean(LOSS(y, result.y_pred)) + result.total
     variables = custom.trainable_variables
-    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-    assert set(result.values) == {penalties[0].name}
+    if BACKEND == "jax":
+        import jax
+
+        # Build the penalties (their state) eagerly, then differentiate a stateless loss of the weights; the
+        # penalties' own variables are state too (an uncompiled model does not track them).
+        kw.penalty_loss(custom, penalties, x[:1], y[:1], training=False)
+        state = custom.non_trainable_variables + [v for p in penalties for v in p.variables]
+
+        def loss_fn(values, state_values):
+            mapping = list(zip(variables, values)) + list(zip(state, state_values))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                result = kw.penalty_loss(custom, penalties, x, y)
+                loss = keras.ops.mean(LOSS(y, result.y_pred)) + result.total
+            return loss, (result.values, [scope.get_current_value(v) for v in state])
+
+        (_, (values, new_state)), gradients = jax.value_and_grad(loss_fn, has_aux=True)(
+            [v.value for v in variables], [v.value for v in state]
+        )
+        for variable, value in zip(state, new_state):
+            variable.assign(value)
+    else:
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            result = kw.penalty_loss(custom, penalties, tf.constant(x), tf.constant(y))
+            loss = tf.reduce_mean(LOSS(y, result.y_pred)) + result.total
+        values, gradients = result.values, tape.gradient(loss, variables)
+    optimizer.apply_gradients(zip(gradients, variables))
+    assert set(values) == {penalties[0].name}
     for a, b in zip(model.trainable_variables, custom.trainable_variables):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="Create them once"):
         kw.penalty_loss(custom, ["weissi"], x, y)
 

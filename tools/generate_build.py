@@ -12,7 +12,7 @@ import glob
 import os
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-THIRD_PARTY = ["tensorflow", "keras", "tensorflow-datasets", "absl-py", "cleverhans", "numpy", "matplotlib"]
+THIRD_PARTY = ["tensorflow", "keras", "tensorflow-datasets", "absl-py", "cleverhans", "numpy", "matplotlib", "jax"]
 TEST_THIRD_PARTY = ["pytest", "hypothesis", "scipy", "nbclient", "nbformat"]
 
 

@@ -43,6 +43,9 @@ __all__ = [
     "stateless_uniform",
     "unscale_loss_for_distribution",
     "vjp",
+    "eager_scope",
+    "variable_updates_persist",
+    "supports_float64",
     "accelerators",
 ]
 
@@ -64,6 +67,9 @@ if BACKEND == "tensorflow":
     from keras_wssi.backend.tensorflow import stateless_uniform
     from keras_wssi.backend.tensorflow import unscale_loss_for_distribution
     from keras_wssi.backend.tensorflow import vjp
+    from keras_wssi.backend.tensorflow import eager_scope
+    from keras_wssi.backend.tensorflow import variable_updates_persist
+    from keras_wssi.backend.tensorflow import supports_float64
     from keras_wssi.backend.tensorflow import accelerators
 elif BACKEND == "jax":
     from keras_wssi.backend.jax import InputJacobian
@@ -80,6 +86,9 @@ elif BACKEND == "jax":
     from keras_wssi.backend.jax import stateless_uniform
     from keras_wssi.backend.jax import unscale_loss_for_distribution
     from keras_wssi.backend.jax import vjp
+    from keras_wssi.backend.jax import eager_scope
+    from keras_wssi.backend.jax import variable_updates_persist
+    from keras_wssi.backend.jax import supports_float64
     from keras_wssi.backend.jax import accelerators
 else:
 
@@ -101,4 +110,5 @@ else:
     InputJacobian = forward_with_input_jacobian = replica_id = distributed = _unsupported
     scale_loss_for_distribution = stateless_normal = stateless_uniform = unscale_loss_for_distribution = _unsupported
     function = grad = vjp = is_traced = state_creation_scope = _unsupported
+    eager_scope = variable_updates_persist = supports_float64 = _unsupported
     accelerators = _unsupported

@@ -9,9 +9,13 @@ on TensorFlow.
 Input-Jacobian products reuse the step's forward pass: the pass runs once under `jax.vjp`, whose pullback is the
 VJP `cᵀ J`; its linear transpose (`jax.linear_transpose`) is the JVP `J u`, evaluated from the same
 linearization (no second forward pass). Both are differentiable with respect to the weights.
+
+`KERAS_WSSI_JAX_JVP=forward` (read at import) makes `jvp` a true forward-mode product instead (`jax.jvp`, which
+reruns the forward pass with tangents); `benchmarks/step_overhead.py --jax_jvp=transpose,forward` times both.
 """
 
 import contextlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +39,12 @@ __all__ = [
 ]
 
 
+# How `InputJacobian.jvp` is computed: "transpose" (of the VJP, from the step's own pass) or "forward" (jax.jvp).
+JVP_MODE = os.environ.get("KERAS_WSSI_JAX_JVP", "transpose")
+if JVP_MODE not in ("transpose", "forward"):
+    raise ValueError(f"KERAS_WSSI_JAX_JVP must be 'transpose' or 'forward', got {JVP_MODE!r}.")
+
+
 def _is_float(dtype):
     return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
 
@@ -46,12 +56,14 @@ class InputJacobian:
         pullback: the `jax.vjp` pullback of `x ↦ logits`.
         x: the input batch.
         logits: the forward pass's output.
+        forward: `x ↦ logits` itself (used by forward-mode JVPs, `KERAS_WSSI_JAX_JVP=forward`).
     """
 
-    def __init__(self, pullback, x, logits):
+    def __init__(self, pullback, x, logits, forward=None):
         self.pullback = pullback
         self.x = x
         self.logits = logits
+        self.forward = forward
         self._transposed = None
 
     def vjp(self, cotangent):
@@ -62,6 +74,9 @@ class InputJacobian:
 
     def jvp(self, tangent):
         """`J u` per example, `(B, C)` float32, for tangents shaped like `x` (the transpose of the VJP)."""
+        if JVP_MODE == "forward" and self.forward is not None:
+            _, result = jax.jvp(self.forward, (self.x,), (jnp.asarray(tangent, self.x.dtype),))
+            return jnp.asarray(result, jnp.float32)
         if self._transposed is None:
             self._transposed = jax.linear_transpose(self.pullback, jnp.zeros_like(self.logits))
         (result,) = self._transposed((jnp.asarray(tangent, self.x.dtype),))
@@ -107,7 +122,7 @@ def forward_with_input_jacobian(model, x, training):
     if losses:
         model._losses_override.clear()
         model._losses_override = list(losses)
-    return x, y_pred, InputJacobian(pullback, x, y_pred)
+    return x, y_pred, InputJacobian(pullback, x, y_pred, forward=lambda inputs: forward(inputs)[0])
 
 
 def vjp(fn, *primals):
@@ -232,6 +247,28 @@ class Trainer:
             with keras.StatelessScope(state_mapping=list(zip(self.optimizer.variables, optimizer_variables))):
                 loss = self.optimizer.scale_loss(loss)
         return loss, (unscaled_loss, y_pred, non_trainable_variables, metrics_variables)
+
+
+def eager_scope():
+    """A no-op context: a JAX trace cannot be left, so state cannot be created inside one (see
+    `variable_updates_persist`)."""
+    return contextlib.nullcontext()
+
+
+def variable_updates_persist(x=None):
+    """Whether an `assign` made now to a variable that the surrounding step does not carry (e.g. a regularizer's
+    own state) takes effect: only outside JAX transformations and outside a `keras.StatelessScope` (Keras's JAX
+    train step runs in one and keeps only the updates of the model's variables). `x`: a value the caller is
+    handed (a tracer means a transformation is under way)."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    return not is_traced(x) and not in_stateless_scope()
+
+
+def supports_float64():
+    """Whether float64 is available: only with `jax_enable_x64` (off by default; float64 requests then give
+    float32)."""
+    return bool(jax.config.jax_enable_x64)
 
 
 def accelerators():

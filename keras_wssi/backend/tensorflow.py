@@ -195,6 +195,23 @@ class Trainer:
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
 
+def eager_scope():
+    """A context that lifts variable creation out of any `tf.function` being traced (`tf.init_scope`), so state
+    created on first use inside a compiled step is an ordinary eager variable."""
+    return tf.init_scope()
+
+
+def variable_updates_persist(x=None):
+    """Always True: on TensorFlow an `assign` to any Keras variable takes effect, also inside a compiled step."""
+    del x
+    return True
+
+
+def supports_float64():
+    """True: TensorFlow computes in float64 when asked."""
+    return True
+
+
 def accelerators():
     """The accelerator kinds TensorFlow sees (`["GPU"]`, `["TPU"]`, … or `[]`), without allocating device memory."""
     return sorted({d.device_type for d in tf.config.list_physical_devices() if d.device_type in ("GPU", "TPU")})

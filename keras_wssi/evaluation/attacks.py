@@ -30,8 +30,9 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import structure
 
 __all__ = [
@@ -110,14 +111,18 @@ class Attack:
 
     def settings(self):
         """The settings as JSON-ready values (what the report records)."""
+        from keras_wssi.evaluation.gradient_attacks import implementation
+
         settings = {
             "name": self.name,
             "method": self.method,
             "library": self.library,
             "norm": self.norm,
+            "implementation": implementation(self),
+            "backend": backend.BACKEND,
         }
         if self.library == "cleverhans":
-            settings["function"] = _CLEVERHANS_FUNCTIONS[self.method]
+            settings["function"] = implementation(self)
             settings["nb_iter"] = self.nb_iter
             if self.method != "fgm":
                 settings["eps_iter_over_eps"] = self.eps_iter_ratio()
@@ -319,7 +324,9 @@ def _validate(attack):
 
 def _loss_name(loss):
     if loss is None:
-        return "tf.nn.sparse_softmax_cross_entropy_with_logits"
+        if backend.BACKEND == "tensorflow":
+            return "tf.nn.sparse_softmax_cross_entropy_with_logits"
+        return "softmax cross-entropy on logits"
     if isinstance(loss, str):
         return loss
     return type(loss).__name__
@@ -365,6 +372,8 @@ class _StepSize:
         return True
 
     def __tf_tensor__(self, dtype=None, name=None):
+        import tensorflow as tf
+
         return tf.convert_to_tensor(self.value, dtype=dtype, name=name)
 
 
@@ -374,13 +383,15 @@ class _StepSize:
 _RANDOM_START = threading.local()
 
 
-def _stateless_random_lp_vector(shape, ord, eps, dtype=tf.float32, seed=None):
+def _stateless_random_lp_vector(shape, ord, eps, dtype="float32", seed=None):
     """cleverhans's `random_lp_vector` distribution, drawn per example from a stateless generator.
 
     Uniform on `[-ε, ε]^d` for L∞; for L2 the Calafiore et al. (1998) sampler cleverhans uses (a Gaussian
     direction scaled by `w^(1/d)`, `w ~ U[0, 1]`). Example `i` of the batch uses the key
-    `fold_in(fold_in(seed, restart), index_i)`.
+    `fold_in(fold_in(seed, restart), index_i)`. TensorFlow only (cleverhans.tf2).
     """
+    import tensorflow as tf
+
     state = getattr(_RANDOM_START, "state", None)
     if state is None:
         raise EvaluationError("The seeded random start was used outside seeded_random_start().")
@@ -426,6 +437,7 @@ def seeded_random_start(seed, restart, indices):
         x_adv = projected_gradient_descent(model, x, 0.1, 0.01, 40, np.inf, y=y, rand_init=True)
     ```
     """
+    import tensorflow as tf
     from cleverhans.tf2.attacks import projected_gradient_descent as pgd_module
 
     base = tf.random.experimental.stateless_fold_in(
@@ -502,7 +514,7 @@ def logits_function(model, sample=None, recover_logits=False):
         note = "logits recovered as log(probabilities): gradients may be masked by softmax saturation"
 
         def recovered(x):
-            return tf.math.log(tf.maximum(tf.cast(model(x, training=False), tf.float32), 1e-30))
+            return ops.log(ops.maximum(ops.cast(model(x, training=False), "float32"), 1e-30))
 
     warnings.warn(f"Model {model.name!r} outputs probabilities; {note}.", stacklevel=2)
     return recovered, note
@@ -523,7 +535,7 @@ def _pre_softmax_function(model):
         kernel, bias = last.kernel, last.bias
 
         def logits(x):
-            z = tf.matmul(penultimate(x, training=False), kernel)
+            z = ops.matmul(penultimate(x, training=False), kernel)
             return z + bias if bias is not None else z
 
         return logits

@@ -1,4 +1,5 @@
-"""APGD (CE, DLR, targeted DLR), FAB-T and Square written in TensorFlow: the kernels of the attack ensemble.
+"""APGD (CE, DLR, targeted DLR), FAB-T and Square written in `keras.ops`: the kernels of the attack ensemble
+(TensorFlow and JAX backends).
 
 These are keras_wssi's own implementations of the attacks of AutoAttack (Croce & Hein 2020), following
 DESIGN.md §1.6 and the authors' reference code (github.com/fra31/auto-attack, PyTorch):
@@ -18,8 +19,9 @@ DESIGN.md §1.6 and the authors' reference code (github.com/fra31/auto-attack, P
   side follows the reference `p` schedule (`p_init = 0.8` in AutoAttack). A proposal that would not change the
   window flips its signs (the reference code redraws them).
 
-Every kernel works on one padded batch inside one `tf.function`; `make_kernel` traces it once per attack with a
-free batch dimension, and `run_attack` feeds it the still-robust examples, chunk by chunk. Random numbers come
+Every kernel is written once in `keras.ops` and works on one padded batch inside one compiled function
+(`keras_wssi.backend.function`: a `tf.function` on TensorFlow, `jax.jit` on JAX); `make_kernel` compiles it once
+per attack (and per batch-size bucket), and `run_attack` feeds it the still-robust examples, chunk by chunk. Random numbers come
 from a counter-based hash of `(seed, attack, restart/target, example index, iteration)`, so an example's
 attack does not depend on the batch size, on which other examples are still robust, or on graph-versus-XLA
 execution. Each kernel also returns how many forward passes it spent on each example.
@@ -28,12 +30,14 @@ execution. Each kernel also returns how many forward passes it spent on each exa
 import math
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi.evaluation.attacks import EvaluationError
 
 __all__ = [
     "DLR_EPSILON",
+    "HASH_DTYPE",
     "apgd_batch",
     "attack_kernel",
     "attack_runs",
@@ -52,35 +56,56 @@ __all__ = [
 
 DLR_EPSILON = 1e-12
 _MASK32 = 0xFFFFFFFF
+# The integer type of the counter-based hash: int64 holding uint32 values on TensorFlow (whose uint32 arithmetic
+# is patchy), uint32 itself on JAX (no int64 without x64). `_mul32` gives the same 32-bit results in both.
+HASH_DTYPE = "int64" if backend.BACKEND == "tensorflow" else "uint32"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Counter-based random numbers (vectorised murmur3 finaliser on int64 holding uint32 values).
+# Counter-based random numbers (vectorised murmur3 finaliser on 32-bit values).
+
+
+def _hash_constant(value):
+    return ops.convert_to_tensor(np.asarray(value, HASH_DTYPE))
+
+
+def _mask(h):
+    return ops.bitwise_and(h, _hash_constant(_MASK32)) if HASH_DTYPE == "int64" else h
 
 
 def _mul32(a, constant):
-    """`(a * constant) mod 2^32` for int64 `a` in `[0, 2^32)` without int64 overflow."""
+    """`(a * constant) mod 2^32` for `a` in `[0, 2^32)` without int64 overflow (exact in uint32 arithmetic too)."""
     low, high = constant & 0xFFFF, constant >> 16
-    return tf.bitwise.bitwise_and(a * low + tf.bitwise.bitwise_and(a * high, 0xFFFF) * 65536, _MASK32)
+    product = a * _hash_constant(low) + ops.bitwise_and(a * _hash_constant(high), _hash_constant(0xFFFF)) * (
+        _hash_constant(65536))
+    return _mask(product)
+
+
+def _shift(h, bits):
+    return ops.right_shift(h, _hash_constant(bits))
 
 
 def _fmix(h):
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+    h = ops.bitwise_xor(h, _shift(h, 16))
     h = _mul32(h, 0x85EBCA6B)
-    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 13))
+    h = ops.bitwise_xor(h, _shift(h, 13))
     h = _mul32(h, 0xC2B2AE35)
-    return tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, 16))
+    return ops.bitwise_xor(h, _shift(h, 16))
+
+
+def _as_hash(value):
+    return _mask(ops.cast(value, HASH_DTYPE))
 
 
 def _uniform(key, indices, counter, count):
-    """`(batch, count)` floats in `(0, 1)`, a function of `(key, example index, counter, position)` only."""
-    key = tf.bitwise.bitwise_and(tf.cast(key, tf.int64), _MASK32)
-    indices = tf.bitwise.bitwise_and(tf.cast(indices, tf.int64), _MASK32)
-    counter = tf.bitwise.bitwise_and(tf.cast(counter, tf.int64), _MASK32)
-    per_example = _fmix(tf.bitwise.bitwise_xor(_fmix(tf.bitwise.bitwise_xor(_fmix(key), indices)), _fmix(counter + 1)))
-    positions = _fmix(tf.range(count, dtype=tf.int64) + 0x632BE5AB)
-    h = _fmix(tf.bitwise.bitwise_xor(per_example[:, None], positions[None, :]))
-    return (tf.cast(tf.bitwise.right_shift(h, 8), tf.float32) + 0.5) / 16777216.0
+    """`(batch, count)` floats in `(0, 1)`, a function of `(key, example index, counter, position)` only (the same
+    numbers on every backend)."""
+    key, indices, counter = _as_hash(key), _as_hash(indices), _as_hash(counter)
+    per_example = _fmix(ops.bitwise_xor(_fmix(ops.bitwise_xor(_fmix(key), indices)),
+                                        _fmix(_mask(counter + _hash_constant(1)))))
+    positions = _fmix(_hash_constant(np.arange(count, dtype=np.int64) + 0x632BE5AB))
+    h = _fmix(ops.bitwise_xor(per_example[:, None], positions[None, :]))
+    return (ops.cast(_shift(h, 8), "float32") + 0.5) / 16777216.0
 
 
 def run_key(seed, attack_name, run):
@@ -101,6 +126,16 @@ def run_key(seed, attack_name, run):
 # Losses and schedules.
 
 
+def _sorted_descending(values):
+    return ops.flip(ops.sort(values, axis=-1), axis=-1)
+
+
+def _pick(values, indices):
+    """`values[i, indices[i]]` per row."""
+    indices = ops.cast(indices, "int32")
+    return ops.take_along_axis(values, ops.expand_dims(indices, 1), axis=1)[:, 0]
+
+
 def dlr_loss(logits, labels):
     """Untargeted DLR loss `−(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e-12)`, per example (DESIGN.md §1.6).
 
@@ -114,15 +149,15 @@ def dlr_loss(logits, labels):
     Example:
 
     ```python
-    dlr_loss(tf.constant([[3.0, 1.0, 0.0]]), tf.constant([0]))   # -(3 - 1) / (3 - 0) = -0.667
+    dlr_loss(np.array([[3.0, 1.0, 0.0]]), np.array([0]))   # -(3 - 1) / (3 - 0) = -0.667
     ```
     """
-    logits = tf.cast(logits, tf.float32)
+    logits = ops.cast(logits, "float32")
     classes = logits.shape[-1]
-    ordered = tf.sort(logits, axis=-1, direction="DESCENDING")
-    true = tf.gather(logits, labels, batch_dims=1)
-    others = tf.where(tf.one_hot(labels, classes) > 0, tf.fill(tf.shape(logits), -np.inf), logits)
-    return -(true - tf.reduce_max(others, axis=-1)) / (ordered[:, 0] - ordered[:, 2] + DLR_EPSILON)
+    ordered = _sorted_descending(logits)
+    true = _pick(logits, labels)
+    others = ops.where(ops.one_hot(labels, classes) > 0, ops.full_like(logits, -np.inf), logits)
+    return -(true - ops.max(others, axis=-1)) / (ordered[:, 0] - ordered[:, 2] + DLR_EPSILON)
 
 
 def targeted_dlr_loss(logits, labels, targets):
@@ -142,10 +177,10 @@ def targeted_dlr_loss(logits, labels, targets):
     targeted_dlr_loss(logits, labels, targets)
     ```
     """
-    logits = tf.cast(logits, tf.float32)
-    ordered = tf.sort(logits, axis=-1, direction="DESCENDING")
-    true = tf.gather(logits, labels, batch_dims=1)
-    target = tf.gather(logits, targets, batch_dims=1)
+    logits = ops.cast(logits, "float32")
+    ordered = _sorted_descending(logits)
+    true = _pick(logits, labels)
+    target = _pick(logits, targets)
     return -(true - target) / (ordered[:, 0] - 0.5 * (ordered[:, 2] + ordered[:, 3]) + DLR_EPSILON)
 
 
@@ -225,50 +260,57 @@ def square_window_sizes(n_queries, image_shape, p_init):
 
 
 def _flat(x):
-    return tf.reshape(x, [tf.shape(x)[0], -1])
+    return ops.reshape(x, (-1, int(np.prod(x.shape[1:]))))
 
 
 def _per_example(values, x):
     """Broadcasts `(batch,)` values against `x`'s shape."""
-    return tf.reshape(values, tf.concat([tf.shape(values), tf.ones([tf.rank(x) - 1], tf.int32)], 0))
+    return ops.reshape(values, (-1,) + (1,) * (len(x.shape) - 1))
 
 
 def _l2(x):
-    return tf.sqrt(tf.reduce_sum(tf.square(_flat(x)), axis=1))
+    return ops.sqrt(ops.sum(ops.square(_flat(x)), axis=1))
 
 
 def _project(x_new, x, eps, norm, clip_min, clip_max):
     """Projection onto the ε-ball around `x`, then the box (which keeps the point inside the ball)."""
     if norm == "linf":
-        x_new = tf.clip_by_value(x_new, x - eps, x + eps)
+        x_new = ops.clip(x_new, x - eps, x + eps)
     else:
         delta = x_new - x
         length = _l2(delta)
-        scale = tf.minimum(1.0, eps / tf.maximum(length, 1e-12))
+        scale = ops.minimum(1.0, eps / ops.maximum(length, 1e-12))
         x_new = x + delta * _per_example(scale, x)
-    return tf.clip_by_value(x_new, clip_min, clip_max)
+    return ops.clip(x_new, clip_min, clip_max)
 
 
 def _random_start(x, indices, key, eps, norm, clip_min, clip_max):
     size = int(np.prod(x.shape[1:]))
     if norm == "linf":
         t = 2.0 * _uniform(key, indices, 0, size) - 1.0
-        t = t / tf.maximum(tf.reduce_max(tf.abs(t), axis=1, keepdims=True), 1e-12)
+        t = t / ops.maximum(ops.max(ops.abs(t), axis=1, keepdims=True), 1e-12)
     else:
         u1, u2 = _uniform(key, indices, 0, size), _uniform(key, indices, 1, size)
-        t = tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos(2.0 * np.pi * u2)
-        t = t / tf.maximum(tf.norm(t, axis=1, keepdims=True), 1e-12)
-    return tf.clip_by_value(x + eps * tf.reshape(t, tf.shape(x)), clip_min, clip_max)
+        t = ops.sqrt(-2.0 * ops.log(u1)) * ops.cos(2.0 * np.pi * u2)
+        t = t / ops.maximum(ops.sqrt(ops.sum(ops.square(t), axis=1, keepdims=True)), 1e-12)
+    return ops.clip(x + eps * ops.reshape(t, (-1,) + tuple(x.shape[1:])), clip_min, clip_max)
 
 
 def _targets(logits, rank):
-    """The class ranked `rank` (1 = most likely) by each example's logits."""
-    order = tf.argsort(logits, axis=-1, direction="DESCENDING", stable=True)
-    return tf.cast(tf.gather(order, rank - 1, axis=1), tf.int32)
+    """The class ranked `rank` (1 = most likely) by each example's logits (ties: the lower class first)."""
+    order = ops.argsort(-logits, axis=-1)
+    return ops.cast(ops.take(order, ops.cast(rank, "int32") - 1, axis=1), "int32")
 
 
 def _predicted(logits):
-    return tf.argmax(logits, axis=1, output_type=tf.int32)
+    return ops.cast(ops.argmax(logits, axis=1), "int32")
+
+
+def _value_and_grad(fn, point):
+    """`(logits, values, ∂Σvalues/∂point)` for `fn(point) -> (logits, values)`, from one forward pass."""
+    (logits, values), pullback = backend.vjp(fn, point)
+    (grad,) = pullback((ops.zeros_like(logits), ops.ones_like(values)))
+    return logits, values, grad
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,7 +319,8 @@ def _predicted(logits):
 
 def apgd_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="linf", loss="ce", rho=0.75,
                random_start=True, clip_min=0.0, clip_max=1.0):
-    """APGD on one batch (Croce & Hein 2020, DESIGN.md §1.6); call it inside a `tf.function`.
+    """APGD on one batch (Croce & Hein 2020, DESIGN.md §1.6); call it inside a compiled function
+    (`keras_wssi.backend.function`).
 
     Args:
         logits_fn: `x -> logits` (float32).
@@ -285,7 +328,7 @@ def apgd_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="li
         y: `(batch,)` int32 true labels.
         indices: `(batch,)` int32 example indices (key the random start).
         eps: scalar ε.
-        key: scalar int64 run key (seed, attack, restart; see `run_key`).
+        key: scalar run key (`HASH_DTYPE`, any integer type works) (seed, attack, restart; see `run_key`).
         target_rank: scalar int32: for `loss="dlr_targeted"`, the target is the class ranked `target_rank`
             by the clean logits (2 = the most likely wrong class of a correctly classified example).
         n_iter: iterations `N` (Python int).
@@ -302,13 +345,13 @@ def apgd_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="li
     Example:
 
     ```python
-    x_adv, correct, forwards = tf.function(lambda x, y: apgd_batch(
-        model, x, y, tf.range(len(y)), 0.1, tf.constant(7, tf.int64), 0, 100))(x, y)
+    x_adv, correct, forwards = backend.function(lambda x, y: apgd_batch(
+        model, x, y, np.arange(len(y)), 0.1, 7, 0, 100), variables=model.variables)(x, y)
     ```
     """
-    x = tf.convert_to_tensor(x, tf.float32)
-    eps = tf.cast(eps, tf.float32)
-    batch = tf.shape(x)[0]
+    x = ops.cast(x, "float32")
+    y = ops.cast(y, "int32")
+    eps = ops.cast(eps, "float32")
     marks = checkpoints(n_iter)
     is_check = np.zeros(n_iter + 1, bool)
     segment = np.ones(n_iter + 1, np.float32)
@@ -317,77 +360,77 @@ def apgd_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="li
         is_check[w] = True
         segment[w] = w - previous
         previous = w
-    is_check, segment = tf.constant(is_check), tf.constant(segment)
+    is_check, segment = ops.convert_to_tensor(is_check), ops.convert_to_tensor(segment)
     forwards = 0
     if loss == "dlr_targeted":
-        targets = _targets(logits_fn(x), target_rank)
+        targets = _targets(ops.cast(logits_fn(x), "float32"), target_rank)
         forwards += 1
     else:
         targets = y
 
+    def logits_and_loss(point):
+        logits = ops.cast(logits_fn(point), "float32")
+        if loss == "ce":
+            values = ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        elif loss == "dlr":
+            values = dlr_loss(logits, y)
+        else:
+            values = targeted_dlr_loss(logits, y, targets)
+        return logits, values
+
     def loss_and_grad(point):
-        with tf.GradientTape() as tape:
-            tape.watch(point)
-            logits = tf.cast(logits_fn(point), tf.float32)
-            if loss == "ce":
-                values = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-            elif loss == "dlr":
-                values = dlr_loss(logits, y)
-            else:
-                values = targeted_dlr_loss(logits, y, targets)
-            total = tf.reduce_sum(values)
-        return logits, values, tape.gradient(total, point)
+        return _value_and_grad(logits_and_loss, point)
 
     def direction(grad):
         if norm == "linf":
-            return tf.sign(grad)
-        return grad / _per_example(tf.maximum(_l2(grad), 1e-12), grad)
+            return ops.sign(grad)
+        return grad / _per_example(ops.maximum(_l2(grad), 1e-12), grad)
 
     x0 = _random_start(x, indices, key, eps, norm, clip_min, clip_max) if random_start else x
     logits, loss0, grad0 = loss_and_grad(x0)
     forwards += 1
-    found = tf.not_equal(_predicted(logits), y)
-    x_found = tf.where(_per_example(found, x), x0, x)
-    step = tf.fill([batch], 2.0) * eps
+    found = ops.not_equal(_predicted(logits), y)
+    x_found = ops.where(_per_example(found, x), x0, x)
+    step = ops.full_like(loss0, 2.0) * eps
     state = (
-        tf.constant(0), x0, x0, grad0, step, x0, loss0, grad0, loss0, tf.zeros([batch]), loss0,
-        tf.ones([batch], tf.bool), found, x_found,
+        ops.convert_to_tensor(0, "int32"), x0, x0, grad0, step, x0, loss0, grad0, loss0, ops.zeros_like(loss0),
+        loss0, ops.ones_like(found), found, x_found,
     )
 
     def body(k, x_cur, x_prev, grad, step, x_best, loss_best, grad_best, loss_prev, increases, loss_at_check,
              reduced_last, found, x_found):
-        momentum = tf.where(k > 0, 0.75, 1.0)
+        momentum = ops.where(k > 0, 0.75, 1.0)
         z = _project(x_cur + _per_example(step, x) * direction(grad), x, eps, norm, clip_min, clip_max)
         x_new = _project(x_cur + momentum * (z - x_cur) + (1.0 - momentum) * (x_cur - x_prev), x, eps, norm,
                          clip_min, clip_max)
         logits, values, grad_new = loss_and_grad(x_new)
-        fooled = tf.not_equal(_predicted(logits), y)
-        x_found = tf.where(_per_example(fooled & ~found, x), x_new, x_found)
+        fooled = ops.not_equal(_predicted(logits), y)
+        x_found = ops.where(_per_example(fooled & ~found, x), x_new, x_found)
         found = found | fooled
-        increases = increases + tf.cast(values > loss_prev, tf.float32)
+        increases = increases + ops.cast(values > loss_prev, "float32")
         improved = values > loss_best
-        x_best = tf.where(_per_example(improved, x), x_new, x_best)
-        grad_best = tf.where(_per_example(improved, x), grad_new, grad_best)
-        loss_best = tf.where(improved, values, loss_best)
-        check = is_check[k + 1]
-        oscillating = increases < rho * segment[k + 1]
+        x_best = ops.where(_per_example(improved, x), x_new, x_best)
+        grad_best = ops.where(_per_example(improved, x), grad_new, grad_best)
+        loss_best = ops.where(improved, values, loss_best)
+        check = ops.take(is_check, k + 1)
+        oscillating = increases < rho * ops.take(segment, k + 1)
         stalled = ~reduced_last & (loss_at_check >= loss_best)
         reduce = check & (oscillating | stalled)
-        step = tf.where(reduce, step / 2.0, step)
-        x_next = tf.where(_per_example(reduce, x), x_best, x_new)
-        grad_next = tf.where(_per_example(reduce, x), grad_best, grad_new)
-        reduced_last = tf.where(check, reduce, reduced_last)
-        loss_at_check = tf.where(check, loss_best, loss_at_check)
-        increases = tf.where(check, tf.zeros_like(increases), increases)
+        step = ops.where(reduce, step / 2.0, step)
+        x_next = ops.where(_per_example(reduce, x), x_best, x_new)
+        grad_next = ops.where(_per_example(reduce, x), grad_best, grad_new)
+        reduced_last = ops.where(check, reduce, reduced_last)
+        loss_at_check = ops.where(check, loss_best, loss_at_check)
+        increases = ops.where(check, ops.zeros_like(increases), increases)
         return (k + 1, x_next, x_cur, grad_next, step, x_best, loss_best, grad_best, values, increases,
                 loss_at_check, reduced_last, found, x_found)
 
-    final = tf.while_loop(lambda k, *rest: k < n_iter, body, state, maximum_iterations=n_iter)
+    final = ops.while_loop(lambda k, *rest: k < n_iter, body, state, maximum_iterations=n_iter)
     x_best, found, x_found = final[5], final[12], final[13]
-    x_out = tf.where(_per_example(found, x), x_found, x_best)
-    correct = tf.equal(_predicted(tf.cast(logits_fn(x_out), tf.float32)), y)
+    x_out = ops.where(_per_example(found, x), x_found, x_best)
+    correct = ops.equal(_predicted(ops.cast(logits_fn(x_out), "float32")), y)
     forwards += n_iter + 1
-    return x_out, correct, tf.fill([batch], forwards)
+    return x_out, correct, ops.full_like(y, forwards)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -397,43 +440,44 @@ def apgd_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="li
 def _hyperplane_step(point, w, c, norm, clip_min, clip_max, iterations=40):
     """The smallest step `d` (L∞ or L2) with `w·d = c` and `point + d` inside the box (as close as possible if
     the box does not reach the hyperplane). `point`, `w`: `(batch, D)`; `c`: `(batch,)`."""
-    sign_c = tf.where(c >= 0, 1.0, -1.0)
-    target = tf.abs(c)
+    sign_c = ops.where(c >= 0, 1.0, -1.0)
+    target = ops.abs(c)
     if norm == "linf":
-        direction = tf.sign(w) * sign_c[:, None]
-        room = tf.where(direction > 0, clip_max - point, point - clip_min)
-        room = tf.where(direction == 0, 0.0, tf.maximum(room, 0.0))
-        weight = tf.abs(w)
-        low = tf.zeros_like(target)
-        high = tf.reduce_max(room, axis=1)
-        reach = tf.reduce_sum(weight * room, axis=1)
+        direction = ops.sign(w) * sign_c[:, None]
+        room = ops.where(direction > 0, clip_max - point, point - clip_min)
+        room = ops.where(direction == 0, 0.0, ops.maximum(room, 0.0))
+        weight = ops.abs(w)
+        low = ops.zeros_like(target)
+        high = ops.max(room, axis=1)
+        reach = ops.sum(weight * room, axis=1)
         for _ in range(iterations):
             middle = 0.5 * (low + high)
-            enough = tf.reduce_sum(weight * tf.minimum(middle[:, None], room), axis=1) >= target
-            high = tf.where(enough, middle, high)
-            low = tf.where(enough, low, middle)
-        high = tf.where(reach >= target, high, tf.reduce_max(room, axis=1))
-        return direction * tf.minimum(high[:, None], room)
+            enough = ops.sum(weight * ops.minimum(middle[:, None], room), axis=1) >= target
+            high = ops.where(enough, middle, high)
+            low = ops.where(enough, low, middle)
+        high = ops.where(reach >= target, high, ops.max(room, axis=1))
+        return direction * ops.minimum(high[:, None], room)
     lower, upper = clip_min - point, clip_max - point
-    norm_sq = tf.maximum(tf.reduce_sum(tf.square(w), axis=1), 1e-20)
-    start = tf.maximum(target / norm_sq, 1e-30)
-    log_low, log_high = tf.math.log(start), tf.math.log(start) + 40.0 * math.log(2.0)
+    norm_sq = ops.maximum(ops.sum(ops.square(w), axis=1), 1e-20)
+    start = ops.maximum(target / norm_sq, 1e-30)
+    log_low, log_high = ops.log(start), ops.log(start) + 40.0 * math.log(2.0)
 
     def step_for(log_lambda):
-        lam = tf.exp(log_lambda) * sign_c
-        return tf.clip_by_value(lam[:, None] * w, lower, upper)
+        lam = ops.exp(log_lambda) * sign_c
+        return ops.clip(lam[:, None] * w, lower, upper)
 
     for _ in range(iterations + 20):
         middle = 0.5 * (log_low + log_high)
-        enough = tf.abs(tf.reduce_sum(w * step_for(middle), axis=1)) >= target
-        log_high = tf.where(enough, middle, log_high)
-        log_low = tf.where(enough, log_low, middle)
+        enough = ops.abs(ops.sum(w * step_for(middle), axis=1)) >= target
+        log_high = ops.where(enough, middle, log_high)
+        log_low = ops.where(enough, log_low, middle)
     return step_for(log_high)
 
 
 def fab_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="linf", alpha_max=0.1, eta=1.05,
               beta=0.9, clip_min=0.0, clip_max=1.0):
-    """FAB-T on one batch (Croce & Hein 2020b, targeted version as in AutoAttack); call inside a `tf.function`.
+    """FAB-T on one batch (Croce & Hein 2020b, targeted version as in AutoAttack); call inside a compiled
+    function (`keras_wssi.backend.function`).
 
     Args:
         logits_fn, x, y, indices, eps, key: as in `apgd_batch` (FAB-T starts at `x`: no random numbers).
@@ -450,52 +494,51 @@ def fab_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="lin
     Example:
 
     ```python
-    x_adv, correct, _ = fab_batch(model, x, y, tf.range(len(y)), 0.1, tf.constant(0, tf.int64), 2, 100)
+    x_adv, correct, _ = fab_batch(model, x, y, np.arange(len(y)), 0.1, 0, 2, 100)
     ```
     """
     del indices, key
-    x = tf.convert_to_tensor(x, tf.float32)
-    eps = tf.cast(eps, tf.float32)
-    batch = tf.shape(x)[0]
-    shape = tf.shape(x)
+    x = ops.cast(x, "float32")
+    y = ops.cast(y, "int32")
+    eps = ops.cast(eps, "float32")
+    example_shape = tuple(x.shape[1:])
     x_flat = _flat(x)
-    targets = _targets(tf.cast(logits_fn(x), tf.float32), target_rank)
+    targets = _targets(ops.cast(logits_fn(x), "float32"), target_rank)
 
-    def difference_and_grad(point):
-        with tf.GradientTape() as tape:
-            tape.watch(point)
-            logits = tf.cast(logits_fn(point), tf.float32)
-            difference = tf.gather(logits, targets, batch_dims=1) - tf.gather(logits, y, batch_dims=1)
-            total = tf.reduce_sum(difference)
-        return difference, tape.gradient(total, point)
+    def logits_and_difference(point):
+        logits = ops.cast(logits_fn(point), "float32")
+        return logits, _pick(logits, targets) - _pick(logits, y)
 
     def size(delta):
-        return tf.reduce_max(tf.abs(delta), axis=1) if norm == "linf" else tf.norm(delta, axis=1)
+        return ops.max(ops.abs(delta), axis=1) if norm == "linf" else ops.sqrt(ops.sum(ops.square(delta), axis=1))
+
+    def unflat(point):
+        return ops.reshape(point, (-1,) + example_shape)
 
     def body(k, x1, adv, best):
-        difference, grad = difference_and_grad(tf.reshape(x1, shape))
+        _, difference, grad = _value_and_grad(logits_and_difference, unflat(x1))
         w = _flat(grad)
         d1 = _hyperplane_step(x1, w, -difference, norm, clip_min, clip_max)
-        d2 = _hyperplane_step(x_flat, w, -difference - tf.reduce_sum(w * (x_flat - x1), axis=1), norm, clip_min,
+        d2 = _hyperplane_step(x_flat, w, -difference - ops.sum(w * (x_flat - x1), axis=1), norm, clip_min,
                               clip_max)
-        a1 = tf.maximum(size(d1), 1e-8)
-        a2 = tf.maximum(size(d2), 1e-8)
-        alpha = tf.clip_by_value(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
-        x1 = tf.clip_by_value((x1 + eta * d1) * (1.0 - alpha) + (x_flat + eta * d2) * alpha, clip_min, clip_max)
-        fooled = tf.not_equal(_predicted(tf.cast(logits_fn(tf.reshape(x1, shape)), tf.float32)), y)
+        a1 = ops.maximum(size(d1), 1e-8)
+        a2 = ops.maximum(size(d2), 1e-8)
+        alpha = ops.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
+        x1 = ops.clip((x1 + eta * d1) * (1.0 - alpha) + (x_flat + eta * d2) * alpha, clip_min, clip_max)
+        fooled = ops.not_equal(_predicted(ops.cast(logits_fn(unflat(x1)), "float32")), y)
         distance = size(x1 - x_flat)
         better = fooled & (distance < best)
-        adv = tf.where(better[:, None], x1, adv)
-        best = tf.where(better, distance, best)
-        x1 = tf.where(fooled[:, None], x_flat + (x1 - x_flat) * beta, x1)
+        adv = ops.where(better[:, None], x1, adv)
+        best = ops.where(better, distance, best)
+        x1 = ops.where(fooled[:, None], x_flat + (x1 - x_flat) * beta, x1)
         return k + 1, x1, adv, best
 
-    state = (tf.constant(0), x_flat, x_flat, tf.fill([batch], np.float32(np.inf)))
-    _, _, adv, best = tf.while_loop(lambda k, *rest: k < n_iter, body, state, maximum_iterations=n_iter)
+    state = (ops.convert_to_tensor(0, "int32"), x_flat, x_flat, ops.full_like(y, np.inf, dtype="float32"))
+    _, _, adv, best = ops.while_loop(lambda k, *rest: k < n_iter, body, state, maximum_iterations=n_iter)
     within = best <= eps * (1.0 + 1e-6)
-    x_out = tf.reshape(tf.where(within[:, None], _project(adv, x_flat, eps, norm, clip_min, clip_max), x_flat), shape)
-    correct = tf.equal(_predicted(tf.cast(logits_fn(x_out), tf.float32)), y)
-    return x_out, correct, tf.fill([batch], 2 * n_iter + 2)
+    x_out = unflat(ops.where(within[:, None], _project(adv, x_flat, eps, norm, clip_min, clip_max), x_flat))
+    correct = ops.equal(_predicted(ops.cast(logits_fn(x_out), "float32")), y)
+    return x_out, correct, ops.full_like(y, 2 * n_iter + 2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -503,15 +546,16 @@ def fab_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="lin
 
 
 def _margin(logits, y):
-    logits = tf.cast(logits, tf.float32)
-    true = tf.gather(logits, y, batch_dims=1)
-    others = tf.where(tf.one_hot(y, tf.shape(logits)[1]) > 0, tf.fill(tf.shape(logits), -np.inf), logits)
-    return true - tf.reduce_max(others, axis=1)
+    logits = ops.cast(logits, "float32")
+    true = _pick(logits, y)
+    others = ops.where(ops.one_hot(y, logits.shape[1]) > 0, ops.full_like(logits, -np.inf), logits)
+    return true - ops.max(others, axis=1)
 
 
 def square_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="linf", p_init=0.8, clip_min=0.0,
                  clip_max=1.0):
-    """Square attack (L∞ or L2, margin loss, Andriushchenko et al. 2020) on one batch; call inside a `tf.function`.
+    """Square attack (L∞ or L2, margin loss, Andriushchenko et al. 2020) on one batch; call inside a compiled
+    function (`keras_wssi.backend.function`).
 
     Args:
         logits_fn, x, y, indices, eps, key: as in `apgd_batch`.
@@ -528,7 +572,7 @@ def square_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="
     Example:
 
     ```python
-    x_adv, correct, queries = square_batch(model, x, y, tf.range(len(y)), 0.1, tf.constant(3, tf.int64), 0, 5000)
+    x_adv, correct, queries = square_batch(model, x, y, np.arange(len(y)), 0.1, 3, 0, 5000)
     ```
     """
     del target_rank
@@ -536,49 +580,50 @@ def square_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="
         return _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_min, clip_max)
     if norm != "linf":
         raise EvaluationError(f"keras_wssi's Square attack is L∞ or L2, got norm={norm!r}.")
-    x = tf.convert_to_tensor(x, tf.float32)
-    eps = tf.cast(eps, tf.float32)
-    shape = tf.shape(x)
-    batch = shape[0]
-    height, width, channels = square_image_shape(x.shape[1:])
-    image = tf.reshape(x, [batch, height, width, channels])
-    stripes = tf.where(_uniform(key, indices, 0, width * channels) < 0.5, -1.0, 1.0)
-    stripes = tf.reshape(stripes, [batch, 1, width, channels])
-    best = tf.clip_by_value(image + eps * stripes, clip_min, clip_max)
+    x = ops.cast(x, "float32")
+    y = ops.cast(y, "int32")
+    eps = ops.cast(eps, "float32")
+    example_shape = tuple(x.shape[1:])
+    height, width, channels = square_image_shape(example_shape)
+    image = ops.reshape(x, (-1, height, width, channels))
+    stripes = ops.where(_uniform(key, indices, 0, width * channels) < 0.5, -1.0, 1.0)
+    stripes = ops.reshape(stripes, (-1, 1, width, channels))
+    best = ops.clip(image + eps * stripes, clip_min, clip_max)
 
     def margin_of(point):
-        return _margin(logits_fn(tf.reshape(point, shape)), y)
+        return _margin(logits_fn(ops.reshape(point, (-1,) + example_shape)), y)
 
     margin = margin_of(best)
-    sizes = tf.constant(square_window_sizes(n_iter, (height, width, channels), p_init), tf.int32)
-    rows = tf.range(height)[None, :, None, None]
-    cols = tf.range(width)[None, None, :, None]
+    sizes = ops.convert_to_tensor(np.asarray(square_window_sizes(n_iter, (height, width, channels), p_init),
+                                             np.int32))
+    rows = ops.reshape(ops.arange(height, dtype="int32"), (1, height, 1, 1))
+    cols = ops.reshape(ops.arange(width, dtype="int32"), (1, 1, width, 1))
 
     def body(i, best, margin, queries):
         active = margin > 0
-        side = sizes[i]
+        side = ops.take(sizes, i)
         draws = _uniform(key, indices, i + 1, 2 + channels)
-        top = tf.cast(tf.floor(draws[:, 0] * tf.cast(height - side + 1, tf.float32)), tf.int32)
-        left = tf.cast(tf.floor(draws[:, 1] * tf.cast(width - side + 1, tf.float32)), tf.int32)
-        signs = tf.where(draws[:, 2:] < 0.5, -1.0, 1.0)[:, None, None, :]
+        top = ops.cast(ops.floor(draws[:, 0] * ops.cast(height - side + 1, "float32")), "int32")
+        left = ops.cast(ops.floor(draws[:, 1] * ops.cast(width - side + 1, "float32")), "int32")
+        signs = ops.where(draws[:, 2:] < 0.5, -1.0, 1.0)[:, None, None, :]
         top, left = top[:, None, None, None], left[:, None, None, None]
         window = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
-        window = tf.broadcast_to(window, tf.shape(best))
-        proposal = tf.where(window, tf.clip_by_value(image + eps * signs, clip_min, clip_max), best)
-        unchanged = tf.reduce_all(tf.abs(_flat(proposal - best)) < 1e-7, axis=1)
-        flipped = tf.where(window, tf.clip_by_value(image - eps * signs, clip_min, clip_max), best)
-        proposal = tf.where(_per_example(unchanged, proposal), flipped, proposal)
+        window = window & ops.ones_like(best, dtype="bool")
+        proposal = ops.where(window, ops.clip(image + eps * signs, clip_min, clip_max), best)
+        unchanged = ops.all(ops.abs(_flat(proposal - best)) < 1e-7, axis=1)
+        flipped = ops.where(window, ops.clip(image - eps * signs, clip_min, clip_max), best)
+        proposal = ops.where(_per_example(unchanged, proposal), flipped, proposal)
         new_margin = margin_of(proposal)
         accept = active & (new_margin < margin)
-        best = tf.where(_per_example(accept, best), proposal, best)
-        margin = tf.where(accept, new_margin, margin)
-        return i + 1, best, margin, queries + tf.cast(active, tf.int32)
+        best = ops.where(_per_example(accept, best), proposal, best)
+        margin = ops.where(accept, new_margin, margin)
+        return i + 1, best, margin, queries + ops.cast(active, "int32")
 
-    state = (tf.constant(0), best, margin, tf.ones([batch], tf.int32))
-    _, best, margin, queries = tf.while_loop(
+    state = (ops.convert_to_tensor(0, "int32"), best, margin, ops.ones_like(y))
+    _, best, margin, queries = ops.while_loop(
         lambda i, *rest: i < n_iter - 1, body, state, maximum_iterations=max(n_iter - 1, 0)
     )
-    return tf.reshape(best, shape), margin > 0, queries
+    return ops.reshape(best, (-1,) + example_shape), margin > 0, queries
 
 
 def _eta_rectangles(rows, cols):
@@ -604,15 +649,17 @@ def square_l2_pattern(side):
 def _place(patterns, pattern_index, top, left, transpose, height, width):
     """Per example, pattern `pattern_index` (padded `(k, S, S)` stack), transposed where `transpose`, placed with
     its corner at `(top, left)` of an `(height, width)` grid; zero outside. Returns `(batch, height, width)`."""
-    stack = tf.gather(patterns, pattern_index)
-    stack = tf.where(transpose[:, None, None], tf.transpose(stack, [0, 2, 1]), stack)
+    stack = ops.take(patterns, pattern_index, axis=0)
+    stack = ops.where(transpose[:, None, None], ops.transpose(stack, (0, 2, 1)), stack)
     size = patterns.shape[1]
-    rows = tf.range(height)[None, :] - top[:, None]
-    cols = tf.range(width)[None, :] - left[:, None]
+    rows = ops.arange(height, dtype="int32")[None, :] - top[:, None]
+    cols = ops.arange(width, dtype="int32")[None, :] - left[:, None]
     inside = ((rows >= 0) & (rows < size))[:, :, None] & ((cols >= 0) & (cols < size))[:, None, :]
-    picked = tf.gather(stack, tf.clip_by_value(rows, 0, size - 1), axis=1, batch_dims=1)
-    picked = tf.gather(picked, tf.clip_by_value(cols, 0, size - 1), axis=2, batch_dims=1)
-    return tf.where(inside, picked, 0.0)
+    row_index = ops.clip(rows, 0, size - 1)[:, :, None] + ops.zeros((1, 1, size), "int32")
+    picked = ops.take_along_axis(stack, row_index, axis=1)
+    col_index = ops.clip(cols, 0, size - 1)[:, None, :] + ops.zeros((1, height, 1), "int32")
+    picked = ops.take_along_axis(picked, col_index, axis=2)
+    return ops.where(inside, picked, 0.0)
 
 
 def _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_min, clip_max):
@@ -624,34 +671,34 @@ def _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_mi
     so that the total stays on the ε-sphere; kept when the margin drops. Positions, signs and transpositions are
     drawn per example (the reference code draws one position per batch).
     """
-    x = tf.convert_to_tensor(x, tf.float32)
-    eps = tf.cast(eps, tf.float32)
-    shape = tf.shape(x)
-    batch = shape[0]
-    height, width, channels = square_image_shape(x.shape[1:])
-    image = tf.reshape(x, [batch, height, width, channels])
+    x = ops.cast(x, "float32")
+    y = ops.cast(y, "int32")
+    eps = ops.cast(eps, "float32")
+    example_shape = tuple(x.shape[1:])
+    height, width, channels = square_image_shape(example_shape)
+    image = ops.reshape(x, (-1, height, width, channels))
 
     def per_image_norm(values):
-        return tf.sqrt(tf.reduce_sum(tf.square(values), axis=[1, 2, 3], keepdims=True))
+        return ops.sqrt(ops.sum(ops.square(values), axis=(1, 2, 3), keepdims=True))
 
     def margin_of(point):
-        return _margin(logits_fn(tf.reshape(point, shape)), y)
+        return _margin(logits_fn(ops.reshape(point, (-1,) + example_shape)), y)
 
     # Initial tiles.
     tile = max(height // 5, 1)
     offset = (height - tile * 5) // 2
-    tile_pattern = tf.constant(square_l2_pattern(tile)[None] if tile >= 2 else np.ones([1, 1, 1], np.float32))
+    tile_pattern = ops.convert_to_tensor(square_l2_pattern(tile)[None] if tile >= 2 else np.ones([1, 1, 1], np.float32))
     spots = [(offset + i * tile, offset + j * tile) for i in range(height // tile) for j in range(width // tile)
              if offset + i * tile + tile <= height and offset + j * tile + tile <= width]
     draws = _uniform(key, indices, 0, len(spots) * (channels + 1))
-    delta = tf.zeros_like(image)
+    delta = ops.zeros_like(image)
     for number, (top, left) in enumerate(spots):
         column = number * (channels + 1)
-        placed = _place(tile_pattern, tf.zeros([batch], tf.int32), tf.fill([batch], top), tf.fill([batch], left),
+        placed = _place(tile_pattern, ops.zeros_like(y), ops.full_like(y, top), ops.full_like(y, left),
                         draws[:, column] < 0.5, height, width)
-        signs = tf.where(draws[:, column + 1:column + 1 + channels] < 0.5, -1.0, 1.0)[:, None, None, :]
+        signs = ops.where(draws[:, column + 1:column + 1 + channels] < 0.5, -1.0, 1.0)[:, None, None, :]
         delta = delta + placed[:, :, :, None] * signs
-    best = tf.clip_by_value(image + eps * delta / tf.maximum(per_image_norm(delta), 1e-12), clip_min, clip_max)
+    best = ops.clip(image + eps * delta / ops.maximum(per_image_norm(delta), 1e-12), clip_min, clip_max)
     margin = margin_of(best)
 
     sides = []
@@ -664,49 +711,49 @@ def _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_mi
     patterns = np.zeros([len(distinct), largest, largest], np.float32)
     for number, side in enumerate(distinct):
         patterns[number, :side, :side] = square_l2_pattern(side)
-    patterns = tf.constant(patterns)
-    side_of = tf.constant(sides, tf.int32)
-    pattern_of = tf.constant([distinct.index(side) for side in sides], tf.int32)
-    rows = tf.range(height)[None, :, None, None]
-    cols = tf.range(width)[None, None, :, None]
+    patterns = ops.convert_to_tensor(patterns)
+    side_of = ops.convert_to_tensor(np.asarray(sides, np.int32))
+    pattern_of = ops.convert_to_tensor(np.asarray([distinct.index(side) for side in sides], np.int32))
+    rows = ops.reshape(ops.arange(height, dtype="int32"), (1, height, 1, 1))
+    cols = ops.reshape(ops.arange(width, dtype="int32"), (1, 1, width, 1))
 
     def window(top, left, side):
         top, left = top[:, None, None, None], left[:, None, None, None]
-        return tf.cast((rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side), tf.float32)
+        return ops.cast((rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side), "float32")
 
     def body(i, best, margin, queries):
         active = margin > 0
-        side = side_of[i]
+        side = ops.take(side_of, i)
         draws = _uniform(key, indices, i + 1, 5 + channels)
-        span = tf.cast(height - side + 1, tf.float32), tf.cast(width - side + 1, tf.float32)
-        top = tf.cast(tf.floor(draws[:, 0] * span[0]), tf.int32)
-        left = tf.cast(tf.floor(draws[:, 1] * span[1]), tf.int32)
-        top2 = tf.cast(tf.floor(draws[:, 2] * span[0]), tf.int32)
-        left2 = tf.cast(tf.floor(draws[:, 3] * span[1]), tf.int32)
-        signs = tf.where(draws[:, 5:] < 0.5, -1.0, 1.0)[:, None, None, :]
+        span = ops.cast(height - side + 1, "float32"), ops.cast(width - side + 1, "float32")
+        top = ops.cast(ops.floor(draws[:, 0] * span[0]), "int32")
+        left = ops.cast(ops.floor(draws[:, 1] * span[1]), "int32")
+        top2 = ops.cast(ops.floor(draws[:, 2] * span[0]), "int32")
+        left2 = ops.cast(ops.floor(draws[:, 3] * span[1]), "int32")
+        signs = ops.where(draws[:, 5:] < 0.5, -1.0, 1.0)[:, None, None, :]
         first, second = window(top, left, side), window(top2, left2, side)
         delta = best - image
-        norm_first = tf.sqrt(tf.reduce_sum(tf.square(delta * first), axis=[1, 2], keepdims=True))  # per channel
+        norm_first = ops.sqrt(ops.sum(ops.square(delta * first), axis=(1, 2), keepdims=True))  # per channel
         norm_image = per_image_norm(delta)
-        norm_windows = per_image_norm(delta * tf.maximum(first, second))
-        pattern = _place(patterns, tf.fill([batch], pattern_of[i]), top, left, draws[:, 4] < 0.5, height, width)
+        norm_windows = per_image_norm(delta * ops.maximum(first, second))
+        pattern = _place(patterns, ops.zeros_like(y) + ops.take(pattern_of, i), top, left, draws[:, 4] < 0.5, height, width)
         new = pattern[:, :, :, None] * signs + delta * first / (1e-12 + norm_first)
-        new_norm = tf.sqrt(tf.reduce_sum(tf.square(new * first), axis=[1, 2], keepdims=True))
-        budget = tf.sqrt(tf.maximum(tf.square(eps) - tf.square(norm_image), 0.0) / channels + tf.square(norm_windows))
+        new_norm = ops.sqrt(ops.sum(ops.square(new * first), axis=(1, 2), keepdims=True))
+        budget = ops.sqrt(ops.maximum(ops.square(eps) - ops.square(norm_image), 0.0) / channels + ops.square(norm_windows))
         new = new * first / (1e-12 + new_norm) * budget
         delta = delta * (1.0 - second) * (1.0 - first) + new
-        proposal = tf.clip_by_value(image + eps * delta / tf.maximum(per_image_norm(delta), 1e-12), clip_min, clip_max)
+        proposal = ops.clip(image + eps * delta / ops.maximum(per_image_norm(delta), 1e-12), clip_min, clip_max)
         new_margin = margin_of(proposal)
         accept = active & (new_margin < margin)
-        best = tf.where(_per_example(accept, best), proposal, best)
-        margin = tf.where(accept, new_margin, margin)
-        return i + 1, best, margin, queries + tf.cast(active, tf.int32)
+        best = ops.where(_per_example(accept, best), proposal, best)
+        margin = ops.where(accept, new_margin, margin)
+        return i + 1, best, margin, queries + ops.cast(active, "int32")
 
-    state = (tf.constant(0), best, margin, tf.ones([batch], tf.int32))
-    _, best, margin, queries = tf.while_loop(
+    state = (ops.convert_to_tensor(0, "int32"), best, margin, ops.ones_like(y))
+    _, best, margin, queries = ops.while_loop(
         lambda i, *rest: i < n_iter - 1, body, state, maximum_iterations=max(n_iter - 1, 0)
     )
-    return tf.reshape(best, shape), margin > 0, queries
+    return ops.reshape(best, (-1,) + example_shape), margin > 0, queries
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -715,9 +762,18 @@ def _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_mi
 _KERNELS = {"apgd": apgd_batch, "fab": fab_batch, "square": square_batch}
 
 
+def compile_function(fn, variables=(), jit_compile=False):
+    """`fn` compiled by `keras_wssi.backend.function`, reading the current values of `variables`.
+
+    `jit_compile` chooses XLA on TensorFlow (a `tf.function` graph otherwise); on JAX every function is
+    `jax.jit`-compiled whatever it says (JAX has no graph mode: uncompiled, every op would run eagerly).
+    """
+    return backend.function(fn, variables=variables, jit_compile=bool(jit_compile) or backend.BACKEND == "jax")
+
+
 def make_kernel(logits_fn, example_shape, family, n_iter, norm, jit_compile=False, clip_min=0.0, clip_max=1.0,
-                **options):
-    """Traces one attack kernel into a `tf.function` with a free batch dimension.
+                variables=(), **options):
+    """Compiles one attack kernel (`keras_wssi.backend.function`); the batch dimension is free.
 
     Args:
         logits_fn: `x -> logits`.
@@ -725,40 +781,35 @@ def make_kernel(logits_fn, example_shape, family, n_iter, norm, jit_compile=Fals
         family: `"apgd"`, `"fab"` or `"square"`.
         n_iter: iterations (queries for Square).
         norm: `"linf"` or `"l2"`.
-        jit_compile: XLA (compiles once per distinct batch size; `run_attack` rounds sizes to a few buckets).
+        jit_compile: XLA on TensorFlow (compiles once per distinct batch size; `run_attack` rounds sizes to a few
+            buckets); JAX always compiles (once per bucket).
         clip_min, clip_max: the box.
+        variables: the variables `logits_fn` reads (`model.variables`): on JAX their current values are passed in
+            on every call (otherwise the values at the first call are compiled in as constants).
         **options: the kernel's own settings (`loss`, `rho`, `alpha_max`, `p_init`, …).
 
     Returns:
-        `kernel(x, y, indices, eps, key, target_rank) -> (x_out, correct, forwards)`.
+        `kernel(x, y, indices, eps, key, target_rank) -> (x_out, correct, forwards)`; `key` has dtype `HASH_DTYPE`.
 
     Example:
 
     ```python
-    kernel = make_kernel(lambda x: model(x, training=False), (28, 28, 1), "apgd", 100, "linf", loss="ce")
+    kernel = make_kernel(lambda x: model(x, training=False), (28, 28, 1), "apgd", 100, "linf", loss="ce",
+                         variables=model.variables)
     ```
     """
     if family not in _KERNELS:
         raise EvaluationError(f"Unknown attack family {family!r}: expected one of {', '.join(_KERNELS)}.")
     function = _KERNELS[family]
-    signature = [
-        tf.TensorSpec([None, *example_shape], tf.float32),
-        tf.TensorSpec([None], tf.int32),
-        tf.TensorSpec([None], tf.int32),
-        tf.TensorSpec([], tf.float32),
-        tf.TensorSpec([], tf.int64),
-        tf.TensorSpec([], tf.int32),
-    ]
 
     def model_fn(x):
-        return tf.cast(logits_fn(x), tf.float32)
+        return ops.cast(logits_fn(x), "float32")
 
-    @tf.function(input_signature=signature, jit_compile=jit_compile, autograph=False)
     def kernel(x, y, indices, eps, key, target_rank):
         return function(model_fn, x, y, indices, eps, key, target_rank, n_iter, norm=norm, clip_min=clip_min,
                         clip_max=clip_max, **options)
 
-    return kernel
+    return compile_function(kernel, variables=variables, jit_compile=jit_compile)
 
 
 def _bucket(count, batch_size):
@@ -817,11 +868,12 @@ def run_attack(kernel, images, labels, eps, active, runs, batch_size, on_chunk=N
             size = _bucket(len(remaining), batch_size)
             padded = np.concatenate([remaining, np.repeat(remaining[-1:], size - len(remaining))])
             x_out, correct, spent = kernel(
-                tf.constant(images[padded]), tf.constant(labels[padded]), tf.constant(padded.astype(np.int32)),
-                tf.constant(eps, tf.float32), tf.constant(key, tf.int64), tf.constant(target_rank, tf.int32),
+                ops.convert_to_tensor(images[padded]), ops.convert_to_tensor(labels[padded]),
+                ops.convert_to_tensor(padded.astype(np.int32)), ops.convert_to_tensor(np.float32(eps)),
+                ops.convert_to_tensor(np.asarray(key, HASH_DTYPE)), ops.convert_to_tensor(np.int32(target_rank)),
             )
             count = len(remaining)
-            x_out, correct, spent = x_out.numpy()[:count], correct.numpy()[:count], spent.numpy()[:count]
+            x_out, correct, spent = (ops.convert_to_numpy(value)[:count] for value in (x_out, correct, spent))
             forwards[remaining] += spent
             fooled = ~correct
             x_adv[remaining[fooled]] = x_out[fooled]
@@ -840,13 +892,14 @@ _FAMILIES = {
 }
 
 
-def attack_kernel(attack, logits_fn, example_shape, jit_compile=False, clip_min=0.0, clip_max=1.0):
+def attack_kernel(attack, logits_fn, example_shape, jit_compile=False, clip_min=0.0, clip_max=1.0, variables=()):
     """The traced kernel of one of keras_wssi's own attacks (an `Attack` from `get_attack`, e.g. `"apgd_ce"`).
 
     Example:
 
     ```python
-    kernel = attack_kernel(get_attack("apgd_t"), lambda x: model(x, training=False), (28, 28, 1))
+    kernel = attack_kernel(get_attack("apgd_t"), lambda x: model(x, training=False), (28, 28, 1),
+                           variables=model.variables)
     ```
     """
     if attack.method not in _FAMILIES:
@@ -861,7 +914,8 @@ def attack_kernel(attack, logits_fn, example_shape, jit_compile=False, clip_min=
     if family == "square":
         square_image_shape(example_shape)
     return make_kernel(logits_fn, tuple(example_shape), family, int(attack.nb_iter), attack.norm,
-                       jit_compile=jit_compile, clip_min=float(clip_min), clip_max=float(clip_max), **options)
+                       jit_compile=jit_compile, clip_min=float(clip_min), clip_max=float(clip_max),
+                       variables=variables, **options)
 
 
 def attack_runs(attack, seed, num_classes):

@@ -13,7 +13,8 @@ robustness") list symptoms that any honest evaluation checks; `gradient_masking_
 3. **more steps and restarts change little**: a PGD with `strong_steps` steps and `strong_restarts` random
    restarts must not be much stronger than the PGD used for the numbers; otherwise those numbers were not
    converged.
-4. **gradient-free not stronger**: the Square attack (no gradients, ART) must not beat the worst case of the
+4. **gradient-free not stronger**: the Square attack (no gradients; ART's on TensorFlow, keras_wssi's compiled
+   one on JAX) must not beat the worst case of the
    white-box gradient attacks; if it does, the gradients were misleading the white-box attacks.
 5. **transfer not stronger**: PGD run on an unregularized surrogate model and transferred must not beat
    white-box PGD on the model itself (skipped when no surrogate is given).
@@ -34,13 +35,14 @@ import importlib.util
 import time
 
 import numpy as np
-import tensorflow as tf
 
+from keras_wssi import backend
 from keras_wssi.evaluation import attacks as attacks_module
 from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.evaluation.report import attack_display_name
 from keras_wssi.evaluation.runner import AttackRunner
 from keras_wssi.evaluation.runner import check_dataset
+from keras_wssi.evaluation.runner import predict_correct
 
 __all__ = [
     "CHECKS",
@@ -113,12 +115,8 @@ def register_white_box_attack(name, function, settings=None):
     return WHITE_BOX_ATTACKS[name]
 
 
-def _predict_correct(logits_fn, images, labels, batch_size):
-    correct = []
-    for start in range(0, len(images), batch_size):
-        logits = logits_fn(tf.constant(images[start:start + batch_size]))
-        correct.append(np.argmax(np.asarray(logits), axis=1) == labels[start:start + batch_size])
-    return np.concatenate(correct)
+def _predict_correct(logits_fn, images, labels, batch_size, variables=()):
+    return predict_correct(logits_fn, images, labels, batch_size, variables=variables)
 
 
 def _forward_passes(attack, examples):
@@ -127,7 +125,7 @@ def _forward_passes(attack, examples):
     if attack.library == "cleverhans":
         return {"forward_passes": examples * attack.restarts * (attack.nb_iter + 1),
                 "gradient_evaluations": examples * attack.restarts * attack.nb_iter, "exact": True}
-    queries = dict(attack.options).get("max_iter", 0)
+    queries = attack.nb_iter if attack.library == "keras_wssi" else dict(attack.options).get("max_iter", 0)
     return {"forward_passes": examples * attack.restarts * (queries + 1), "gradient_evaluations": 0, "exact": False}
 
 
@@ -143,7 +141,7 @@ def _run(name, runner_or_function, model, images, labels, eps, norm, seed, batch
         settings = dict(runner_or_function.settings)
     else:
         x_adv = runner_or_function.generate(images, labels, eps)
-        correct = _predict_correct(logits_fn, x_adv, labels, batch_size)
+        correct = _predict_correct(logits_fn, x_adv, labels, batch_size, model.variables)
         settings = runner_or_function.settings()
         settings.update(_forward_passes(runner_or_function.attack, len(images)))
         if surrogate is not None:
@@ -257,7 +255,7 @@ def gradient_masking_checks(
 
     common = dict(model=model, images=images, labels=labels, norm=norm, seed=seed, batch_size=batch_size,
                   logits_fn=logits_fn)
-    clean = _predict_correct(logits_fn, images, labels, batch_size)
+    clean = _predict_correct(logits_fn, images, labels, batch_size, model.variables)
     results, correct = {}, {}
     for key, attack, eps in (("single_step", single, epsilon), ("iterative", base, epsilon),
                              ("strong", strong, epsilon), ("large_epsilon", base, large_epsilon)):
@@ -272,10 +270,15 @@ def gradient_masking_checks(
         transfer_name = f"{attack_display_name(base.settings())} transferred from {surrogate_name}"
         results["transfer"], correct["transfer"] = _run(transfer_name, runner(base, target=surrogate), eps=epsilon,
                                                         surrogate=surrogate_name, **common)
-    square_available = importlib.util.find_spec("art") is not None
+    # ART's Square on TensorFlow; on JAX (ART wraps TensorFlow models only) keras_wssi's compiled Square with
+    # ART's default p_init = 0.3.
+    square_available = backend.BACKEND != "tensorflow" or importlib.util.find_spec("art") is not None
     if norm == "linf" and square_available:
         count = len(images) if not square_examples else min(int(square_examples), len(images))
-        square = attacks_module.get_attack("square", max_iter=square_queries)
+        if backend.BACKEND == "tensorflow":
+            square = attacks_module.get_attack("square", max_iter=square_queries)
+        else:
+            square = attacks_module.get_attack("square_compiled", nb_iter=square_queries, p_init=0.3)
         square_common = dict(common, images=images[:count], labels=labels[:count])
         results["gradient_free"], correct["gradient_free"] = _run(
             attack_display_name(square.settings()), runner(square), eps=epsilon, **square_common)

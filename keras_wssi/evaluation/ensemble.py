@@ -23,7 +23,9 @@ import time
 import numpy as np
 
 from keras_wssi.evaluation import attacks as attacks_module
+from keras_wssi import backend
 from keras_wssi.evaluation import compiled_attacks
+from keras_wssi.evaluation import gradient_attacks
 from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.evaluation.runner import AttackRunner
 from keras_wssi.evaluation.runner import check_dataset
@@ -95,11 +97,9 @@ def _base_name(name):
 
 
 def _implementation(attack):
-    if attack.library == "keras_wssi":
-        return "keras_wssi.evaluation.compiled_attacks"
-    if attack.library == "art":
-        return "art.attacks.evasion.SquareAttack" if attack.method == "square" else "art.attacks.evasion"
-    return "cleverhans.tf2.attacks (run by keras_wssi.evaluation.AttackRunner)"
+    if attack.library == "cleverhans":
+        return f"{gradient_attacks.implementation(attack)} (run by keras_wssi.evaluation.AttackRunner)"
+    return gradient_attacks.implementation(attack)
 
 
 class _State:
@@ -217,6 +217,7 @@ def autoattack(
     images, labels = first._prepare(images, labels)
     for runner in runners[1:]:
         runner._logits_fn, runner.logits_note = first._logits_fn, first.logits_note
+        runner._num_classes = first._num_classes
     clean_correct = first._predict_correct(images, labels)
     num_classes = int(np.asarray(first._logits_fn(images[:1])).shape[-1])
 
@@ -230,6 +231,7 @@ def autoattack(
         "clip_min": clip_min,
         "clip_max": clip_max,
         "jit_compile": bool(jit_compile),
+        "backend": backend.BACKEND,
         "examples": len(images),
         "attacks": [runner.settings() for runner in runners],
     }
@@ -269,6 +271,7 @@ def autoattack(
             "name": attack.name,
             "human_name": ATTACK_NAMES.get(_base_name(attack.name), attack.name),
             "implementation": _implementation(attack),
+            "backend": backend.BACKEND,
             "settings": runner.settings(),
             "robust_accuracy": float(per_attack_robust[attack.name].mean()),
             "robust_accuracy_cumulative": float(robust.mean()),
@@ -306,7 +309,7 @@ def _run_one(attack, runner, images, labels, epsilon, active, num_classes, batch
         if runner._compiled is None:
             runner._compiled = compiled_attacks.attack_kernel(
                 attack, runner._logits_fn, images.shape[1:], jit_compile=runner.jit_compile,
-                clip_min=runner.clip_min, clip_max=runner.clip_max,
+                clip_min=runner.clip_min, clip_max=runner.clip_max, variables=runner.model.variables,
             )
         runs = compiled_attacks.attack_runs(attack, seed, num_classes)
         resume = None

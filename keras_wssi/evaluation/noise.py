@@ -3,9 +3,11 @@
 import time
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi.evaluation import attacks as attacks_module
+from keras_wssi.evaluation import compiled_attacks
 from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.evaluation.runner import _batches
 from keras_wssi.evaluation.runner import _check_clip
@@ -33,7 +35,8 @@ def noise_accuracy(
     """Accuracy on `clip(x + noise)` for each noise level: a curve dict for `Report.add_curve`.
 
     Gaussian noise has standard deviation `level`; uniform noise is drawn from `[-level, level]` per input
-    component. Example `i`'s noise is keyed by `(seed, draw, i)`, so results do not depend on `batch_size`.
+    component. Example `i`'s noise is keyed by `(seed, draw, i)` (the counter hash of `compiled_attacks`: the same
+    draws on TensorFlow and JAX; Gaussian by Box–Muller), so results do not depend on `batch_size` or the backend.
 
     Args:
         model: a Keras classifier (logits; see `logits_function`).
@@ -69,31 +72,24 @@ def noise_accuracy(
     logits_fn, note = attacks_module.logits_function(model, images[:64], recover_logits=recover_logits)
     example_shape = images.shape[1:]
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([batch_size, *example_shape], tf.float32),
-            tf.TensorSpec([batch_size], tf.int32),
-            tf.TensorSpec([batch_size], tf.int32),
-            tf.TensorSpec([], tf.float32),
-            tf.TensorSpec([], tf.int32),
-        ]
-    )
+    key = compiled_attacks.run_key(seed, "noise_" + kind, 0)
+    size = int(np.prod(example_shape))
+
     def correct_under_noise(x, y, indices, level, draw):
-        base = tf.random.experimental.stateless_fold_in(tf.constant([int(seed) & 0x7FFFFFFF, 0x401E], tf.int64), draw)
-
-        def sample(index):
-            key = tf.random.experimental.stateless_fold_in(base, index)
-            if kind == "gaussian":
-                return tf.random.stateless_normal(example_shape, key)
-            return tf.random.stateless_uniform(example_shape, key, -1.0, 1.0)
-
-        noise = tf.map_fn(sample, indices, fn_output_signature=tf.TensorSpec(example_shape, tf.float32))
-        noisy = x + level * noise
+        # Per example, from the counter hash of (seed, example index, draw): independent of the batch.
+        if kind == "gaussian":
+            u1 = compiled_attacks._uniform(key, indices, 2 * draw, size)
+            u2 = compiled_attacks._uniform(key, indices, 2 * draw + 1, size)
+            noise = ops.sqrt(-2.0 * ops.log(u1)) * ops.cos(2.0 * np.pi * u2)
+        else:
+            noise = 2.0 * compiled_attacks._uniform(key, indices, 2 * draw, size) - 1.0
+        noisy = x + level * ops.reshape(noise, (-1,) + tuple(example_shape))
         if clip_min is not None:
-            noisy = tf.clip_by_value(noisy, clip_min, clip_max)
-        logits = tf.cast(logits_fn(noisy), tf.float32)
-        return tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y)
+            noisy = ops.clip(noisy, clip_min, clip_max)
+        logits = ops.cast(logits_fn(noisy), "float32")
+        return ops.cast(ops.argmax(logits, axis=1), "int32") == y
 
+    correct_under_noise = compiled_attacks.compile_function(correct_under_noise, variables=model.variables)
     started = time.perf_counter()
     positions = np.arange(len(images), dtype=np.int32)
     accuracy = []
@@ -102,13 +98,13 @@ def noise_accuracy(
         for draw in range(draws):
             for start, stop in _batches(len(images), batch_size):
                 correct = correct_under_noise(
-                    tf.constant(_padded(images, start, stop, batch_size)),
-                    tf.constant(_padded(labels, start, stop, batch_size)),
-                    tf.constant(_padded(positions, start, stop, batch_size)),
-                    tf.constant(level, tf.float32),
-                    tf.constant(draw, tf.int32),
+                    ops.convert_to_tensor(_padded(images, start, stop, batch_size)),
+                    ops.convert_to_tensor(_padded(labels, start, stop, batch_size)),
+                    ops.convert_to_tensor(_padded(positions, start, stop, batch_size)),
+                    ops.convert_to_tensor(np.float32(level)),
+                    ops.convert_to_tensor(np.int32(draw)),
                 )
-                correct_total += int(correct.numpy()[: stop - start].sum())
+                correct_total += int(ops.convert_to_numpy(correct)[: stop - start].sum())
         accuracy.append(correct_total / (len(images) * draws))
     settings = {
         "kind": kind,
@@ -116,6 +112,7 @@ def noise_accuracy(
         "draws": draws,
         "batch_size": batch_size,
         "seed": int(seed),
+        "backend": backend.BACKEND,
         "clip_min": clip_min,
         "clip_max": clip_max,
         "examples": len(images),

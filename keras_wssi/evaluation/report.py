@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from keras_wssi import backend
 from keras_wssi import structure
 from keras_wssi.analysis.weight_perturbation import certified_accuracy_curve
 from keras_wssi.evaluation.attacks import EvaluationError
@@ -169,6 +170,7 @@ class Report:
             "title": self.title,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "keras_wssi_version": __version__,
+            "backend": backend.BACKEND,
             "settings": _jsonable(self.settings, "settings"),
             "robustbench": {name: _jsonable(robustbench_entry(model, norm, epsilon, self.settings.get("dataset")),
                                             f"{name}.robustbench")
@@ -483,7 +485,8 @@ def robustbench_entry(model, norm, epsilon, dataset=None):
         forward_total += passes or 0
         entry["attacks"].append({"family": family, "display_name": attack_display_name(settings),
                                  "accuracy": matches[0], "examples": examples, "forward_passes": passes,
-                                 "forward_passes_exact": exact, "settings": settings})
+                                 "forward_passes_exact": exact, "implementation": settings.get("implementation"),
+                                 "backend": settings.get("backend"), "settings": settings})
         accuracies.append(matches[0])
         if settings.get("ensemble"):
             entry["ensemble_acc"] = matches[0]

@@ -8,14 +8,17 @@ default: on this project's reference CPU it did not speed PGD up on an MLP and s
 """
 
 import time
+import weakref
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import labels as labels_module
 from keras_wssi.evaluation import attacks as attacks_module
 from keras_wssi.evaluation import compiled_attacks
+from keras_wssi.evaluation import gradient_attacks
 from keras_wssi.evaluation.attacks import EvaluationError
 
 __all__ = ["AttackRunner", "check_dataset", "clean_metrics"]
@@ -114,6 +117,28 @@ def _padded(array, start, stop, batch_size):
     return chunk
 
 
+def _predicted(logits):
+    return ops.cast(ops.argmax(logits, axis=1), "int32")
+
+
+_FORWARDS = weakref.WeakKeyDictionary()
+
+
+def predict_correct(logits_fn, images, labels, batch_size, variables=()):
+    """Per example, whether `logits_fn` classifies `images` correctly (one compiled forward pass per batch; the
+    compiled function is kept with `logits_fn`)."""
+    forward = _FORWARDS.get(logits_fn)
+    if forward is None:
+        forward = compiled_attacks.compile_function(lambda x: _predicted(ops.cast(logits_fn(x), "float32")),
+                                                    variables=variables)
+        _FORWARDS[logits_fn] = forward
+    correct = []
+    for start, stop in _batches(len(images), batch_size):
+        predicted = ops.convert_to_numpy(forward(ops.convert_to_tensor(images[start:stop])))
+        correct.append(predicted == labels[start:stop])
+    return np.concatenate(correct) if correct else np.zeros(0, bool)
+
+
 def clean_metrics(model, images, labels, batch_size=256, recover_logits=False):
     """Accuracy and mean softmax cross-entropy (on logits) of a model on a data set, in one compiled pass.
 
@@ -136,18 +161,18 @@ def clean_metrics(model, images, labels, batch_size=256, recover_logits=False):
     images, labels = check_dataset(images, labels, model)
     logits_fn, _ = attacks_module.logits_function(model, images[:64], recover_logits=recover_logits)
 
-    @tf.function(reduce_retracing=True)
     def forward(x, y):
-        logits = tf.cast(logits_fn(x), tf.float32)
-        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-        correct = tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), y)
-        return tf.reduce_sum(tf.cast(correct, tf.float64)), tf.reduce_sum(tf.cast(loss, tf.float64))
+        logits = ops.cast(logits_fn(x), "float32")
+        loss = ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        return _predicted(logits) == y, loss
 
+    forward = compiled_attacks.compile_function(forward, variables=model.variables)
     correct_total, loss_total = 0.0, 0.0
     for start, stop in _batches(len(images), batch_size):
-        correct, loss = forward(tf.constant(images[start:stop]), tf.constant(labels[start:stop]))
-        correct_total += float(correct)
-        loss_total += float(loss)
+        correct, loss = forward(ops.convert_to_tensor(images[start:stop]), ops.convert_to_tensor(labels[start:stop]))
+        # Summed in float64 on the host (JAX has no float64 without x64).
+        correct_total += float(np.sum(ops.convert_to_numpy(correct), dtype=np.float64))
+        loss_total += float(np.sum(ops.convert_to_numpy(loss), dtype=np.float64))
     return {"accuracy": correct_total / len(images), "loss": loss_total / len(images), "examples": len(images)}
 
 
@@ -201,6 +226,7 @@ class AttackRunner:
             raise EvaluationError(f"seed must be an integer, got {seed!r}.")
         self.model = model
         self.attack = attacks_module.get_attack(attack)
+        gradient_attacks.check_backend(self.attack)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.clip_min = None if clip_min is None else float(clip_min)
@@ -210,6 +236,7 @@ class AttackRunner:
         self.progress = progress
         self.logits_note = ""
         self._logits_fn = None
+        self._num_classes = None
         self._compiled = None
 
     # -- setup -------------------------------------------------------------------------------------------
@@ -221,11 +248,16 @@ class AttackRunner:
             self._logits_fn, self.logits_note = attacks_module.logits_function(
                 self.model, images[:64], recover_logits=self.recover_logits
             )
+            self._num_classes = int(ops.shape(self._logits_fn(images[:1]))[-1])
         return images, labels
 
     def _compiled_attack(self, example_shape):
         if self._compiled is not None:
             return self._compiled
+        if backend.BACKEND != "tensorflow":
+            return self._compiled_attack_jax()
+        import tensorflow as tf
+
         attack, logits_fn = self.attack, self._logits_fn
         attack_fn = attack.cleverhans_function()
         clip_min, clip_max, seed = self.clip_min, self.clip_max, self.seed
@@ -252,19 +284,42 @@ class AttackRunner:
         self._compiled = run
         return run
 
+    def _compiled_attack_jax(self):
+        """The JAX counterpart of the cleverhans.tf2 graph: cleverhans.jax or the keras.ops transcription
+        (`gradient_attacks`), compiled with `jax.jit`, the random start keyed by `(seed, restart, example index)`."""
+        attack, logits_fn = self.attack, self._logits_fn
+        clip_min, clip_max = self.clip_min, self.clip_max
+        key = compiled_attacks.run_key(self.seed, "random_start", 0)
+        loss_fn = attacks_module._adapt_loss(attack.loss)
+        num_classes = self._num_classes
+
+        def model_fn(x):
+            return ops.cast(logits_fn(x), "float32")
+
+        def run(x, y, indices, eps, restart):
+            x_adv = gradient_attacks.run_batch(attack, model_fn, x, y, indices, eps, key, restart, clip_min,
+                                               clip_max, num_classes, loss_fn=loss_fn)
+            logits = model_fn(x_adv)
+            loss = ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            return x_adv, _predicted(logits) == y, loss
+
+        self._compiled = compiled_attacks.compile_function(run, variables=self.model.variables)
+        return self._compiled
+
     # -- cleverhans attacks ------------------------------------------------------------------------------
 
     def _attack_batch(self, images, labels, start, stop, eps):
         """Adversarial examples of one batch, resolved over restarts: `(x_adv, correct)`."""
         run = self._compiled_attack(images.shape[1:])
-        x = tf.constant(_padded(images, start, stop, self.batch_size))
-        y = tf.constant(_padded(labels, start, stop, self.batch_size))
-        indices = tf.constant(_padded(np.arange(len(images), dtype=np.int32), start, stop, self.batch_size))
+        x = ops.convert_to_tensor(_padded(images, start, stop, self.batch_size))
+        y = ops.convert_to_tensor(_padded(labels, start, stop, self.batch_size))
+        indices = ops.convert_to_tensor(_padded(np.arange(len(images), dtype=np.int32), start, stop, self.batch_size))
         count = stop - start
         best_adv = best_correct = best_loss = None
         for restart in range(self.attack.restarts):
-            x_adv, correct, loss = run(x, y, indices, tf.constant(eps, tf.float32), tf.constant(restart, tf.int32))
-            x_adv, correct, loss = x_adv.numpy()[:count], correct.numpy()[:count], loss.numpy()[:count]
+            outputs = run(x, y, indices, ops.convert_to_tensor(np.float32(eps)),
+                          ops.convert_to_tensor(np.int32(restart)))
+            x_adv, correct, loss = (ops.convert_to_numpy(value)[:count] for value in outputs)
             if best_adv is None:
                 best_adv, best_correct, best_loss = x_adv, correct, loss
                 continue
@@ -365,10 +420,9 @@ class AttackRunner:
         if self._compiled is None:
             self._compiled = compiled_attacks.attack_kernel(
                 self.attack, self._logits_fn, images.shape[1:], jit_compile=self.jit_compile,
-                clip_min=self.clip_min, clip_max=self.clip_max,
+                clip_min=self.clip_min, clip_max=self.clip_max, variables=self.model.variables,
             )
-        num_classes = int(np.asarray(self._logits_fn(images[:1])).shape[-1])
-        runs = compiled_attacks.attack_runs(self.attack, self.seed, num_classes)
+        runs = compiled_attacks.attack_runs(self.attack, self.seed, self._num_classes)
         x_adv, robust, forwards = compiled_attacks.run_attack(
             self._compiled, images, labels, eps, clean_correct, runs, self.batch_size
         )
@@ -377,6 +431,8 @@ class AttackRunner:
     # -- ART attacks (cw_l2, square) ---------------------------------------------------------------------
 
     def _art_classifier(self, images):
+        import tensorflow as tf
+
         try:
             from art.estimators.classification import TensorFlowV2Classifier
         except ImportError as error:
@@ -401,11 +457,7 @@ class AttackRunner:
         )
 
     def _predict_correct(self, images, labels):
-        correct = []
-        for start, stop in _batches(len(images), self.batch_size):
-            logits = self._logits_fn(tf.constant(images[start:stop]))
-            correct.append(np.argmax(np.asarray(logits), axis=1) == labels[start:stop])
-        return np.concatenate(correct)
+        return predict_correct(self._logits_fn, images, labels, self.batch_size, variables=self.model.variables)
 
     def _art_attack(self, images, labels, eps):
         from art.attacks import evasion

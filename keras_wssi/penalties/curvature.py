@@ -6,8 +6,10 @@ linear region of a ReLU network the difference is `h ∇²_x ℓ z = h Jᵀ (dia
 arXiv 2007.02209), so CURE is a Jacobian penalty weighted by the softmax covariance along the FGSM direction.
 """
 
-import tensorflow as tf
+import keras
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import linalg
 from keras_wssi import validation
 from keras_wssi.penalties.base import register_penalty
@@ -21,10 +23,10 @@ __all__ = ["CURE", "curvature_direction"]
 
 def curvature_direction(gradients, epsilon=1e-12):
     """CURE's probe direction `sign(g)/||sign(g)||` per example (constant; an all-zero gradient gives 0)."""
-    signs = tf.stop_gradient(tf.sign(gradients))
-    flat = tf.reshape(signs, [tf.shape(signs)[0], -1])
+    signs = ops.stop_gradient(ops.sign(gradients))
+    flat = ops.reshape(signs, (ops.shape(signs)[0], -1))
     norms = linalg.safe_norm(flat, axis=-1, keepdims=True, epsilon=epsilon)
-    return tf.reshape(flat / norms, tf.shape(signs))
+    return ops.reshape(flat / norms, ops.shape(signs))
 
 
 @register_penalty("cure")
@@ -72,27 +74,27 @@ class CURE(LogitJacobianPenalty):
 
     def _gradient_at(self, context, x, training):
         """`∇_x ℓ` from a fresh forward pass at `x` (differentiable with respect to the weights)."""
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(x)
-            logits = context.forward(x, training=training)
-        cotangent = loss_cotangent(logits, context.y, self.loss, context.model, self.name)
-        return tape.gradient(logits, x, output_gradients=tf.cast(cotangent, logits.dtype))
+        # The backend's input-Jacobian pass: on JAX the probe's state updates (BatchNorm statistics in training
+        # mode) are assigned after the pass, as for the step's own forward pass.
+        _, y_pred, jacobian = backend.forward_with_input_jacobian(context.model, x, training)
+        cotangent = loss_cotangent(ops.cast(y_pred, "float32"), context.y, self.loss, context.model, self.name)
+        return jacobian.vjp(cotangent)
 
     def call(self, context):
         logits = checked_logits(context, self.name)
-        x = tf.cast(context.x, tf.float32) if context.x.dtype != tf.float32 else context.x
+        x = context.x if keras.backend.standardize_dtype(context.x.dtype) == "float32" else ops.cast(context.x, "float32")
         if self.inference_probes:
             gradient = self._gradient_at(context, x, training=False)
         else:
             gradient = context.vjp(loss_cotangent(logits, context.y, self.loss, context.model, self.name))
         direction = curvature_direction(gradient)
-        probe = tf.stop_gradient(x + self.h * tf.cast(direction, x.dtype))
+        probe = ops.stop_gradient(x + self.h * ops.cast(direction, x.dtype))
         probe_gradient = self._gradient_at(context, probe, training=False if self.inference_probes else context.training)
-        difference = tf.reshape(tf.cast(probe_gradient, tf.float32) - gradient, [tf.shape(gradient)[0], -1])
+        difference = ops.reshape(ops.cast(probe_gradient, "float32") - gradient, (ops.shape(gradient)[0], -1))
         if self.power == 2.0:
-            values = tf.reduce_sum(tf.square(difference), axis=-1)
+            values = ops.sum(ops.square(difference), axis=-1)
         else:
-            values = tf.pow(linalg.safe_norm(difference, axis=-1, epsilon=self.epsilon), self.power)
+            values = ops.power(linalg.safe_norm(difference, axis=-1, epsilon=self.epsilon), self.power)
         return context.reduce_per_example(values)
 
     def get_config(self):

@@ -5,7 +5,7 @@ Each value is a sum of squared products `||cᵀ J||²` of the step's own forward
 """
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import validation
 from keras_wssi.penalties.base import register_penalty
@@ -98,16 +98,16 @@ class JacobianFrobenius(RandomLogitJacobianPenalty):
 
     def call(self, context):
         logits = checked_logits(context, self.name)
-        batch, num_classes = tf.shape(logits)[0], logits.shape[-1]
-        total = tf.zeros([batch], tf.float32)
+        batch, num_classes = ops.shape(logits)[0], logits.shape[-1]
+        total = ops.zeros([batch], "float32")
         if self.num_projections == -1:
-            for c in range(num_classes):
-                rows = context.vjp(tf.one_hot(tf.fill([batch], c), num_classes, dtype=tf.float32))
-                total += tf.reduce_sum(tf.square(tf.reshape(rows, [batch, -1])), axis=-1)
+            for row in np.eye(num_classes, dtype=np.float32):
+                rows = context.vjp(ops.broadcast_to(ops.convert_to_tensor(row)[None], [batch, num_classes]))
+                total += ops.sum(ops.square(ops.reshape(rows, [batch, -1])), axis=-1)
         else:
             for _ in range(self.num_projections):
                 rows = context.vjp(self._unit_vectors(batch, num_classes))
-                total += tf.reduce_sum(tf.square(tf.reshape(rows, [batch, -1])), axis=-1)
+                total += ops.sum(ops.square(ops.reshape(rows, [batch, -1])), axis=-1)
             total *= float(num_classes) / float(self.num_projections)
         return context.reduce_per_example(0.5 * total)
 
@@ -157,16 +157,16 @@ class CrossLipschitz(RandomLogitJacobianPenalty):
 
     def call(self, context):
         logits = checked_logits(context, self.name)
-        batch, num_classes = tf.shape(logits)[0], logits.shape[-1]
-        total = tf.zeros([batch], tf.float32)
+        batch, num_classes = ops.shape(logits)[0], logits.shape[-1]
+        total = ops.zeros([batch], "float32")
         if self.num_projections == -1:
             for row in self.centered_basis(num_classes):
-                rows = context.vjp(tf.tile(tf.constant(row)[tf.newaxis], [batch, 1]))
-                total += tf.reduce_sum(tf.square(tf.reshape(rows, [batch, -1])), axis=-1)
+                rows = context.vjp(ops.broadcast_to(ops.convert_to_tensor(row)[None], [batch, num_classes]))
+                total += ops.sum(ops.square(ops.reshape(rows, [batch, -1])), axis=-1)
         else:
             for _ in range(self.num_projections):
                 rows = context.vjp(self._unit_vectors(batch, num_classes, centered=True))
-                total += tf.reduce_sum(tf.square(tf.reshape(rows, [batch, -1])), axis=-1)
+                total += ops.sum(ops.square(ops.reshape(rows, [batch, -1])), axis=-1)
             total *= float(num_classes - 1) / float(self.num_projections)
         return context.reduce_per_example((2.0 / num_classes) * total)
 

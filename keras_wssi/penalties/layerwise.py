@@ -6,7 +6,7 @@ The power-iteration vectors are penalty state (variables of the model), so they 
 import warnings
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import linalg
 from keras_wssi import structure
@@ -97,20 +97,24 @@ class LayerwiseSpectralNorm(Penalty):
         """`σ(W_l)` per kernel (updating the warm-start vectors), as a list of scalars."""
         sigmas = []
         for kernel, kind, settings, state in self._entries:
-            kernel = tf.cast(kernel, tf.float32)
+            kernel = ops.cast(kernel, "float32")
             if settings is not None:
                 new_u, sigma = linalg.conv2d_operator_norm(kernel, state.value, iterations=self.iterations, **settings)
             else:
                 new_u, _, sigma_batch = linalg.power_iteration(
                     linalg.kernel_matrices(kernel, kind), state.value, iterations=self.iterations
                 )
-                sigma = tf.reduce_max(sigma_batch)
+                sigma = ops.max(sigma_batch)
             state.assign(new_u)
             sigmas.append(sigma)
         return sigmas
 
     def call(self, context):
-        return 0.5 * tf.add_n([tf.square(s) for s in self.layer_norms()])
+        squares = [ops.square(s) for s in self.layer_norms()]
+        total = squares[0]
+        for square in squares[1:]:  # In order, as `tf.add_n`.
+            total = total + square
+        return 0.5 * total
 
     def get_config(self):
         return {**super().get_config(), "iterations": self.iterations, "conv_norm": self.conv_norm}

@@ -9,8 +9,9 @@ per-example value (weighted by `sample_weight`), and reads the step's own forwar
 import warnings
 
 import keras
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import labels
 from keras_wssi import linalg
 from keras_wssi import structure
@@ -57,8 +58,8 @@ def check_logits_model(model, penalty_name):
 def checked_logits(context, penalty_name):
     """The step's logits, after checking (at trace time, on static shapes) that they are classifier logits."""
     logits = context.logits
-    if logits is None or logits.shape.rank != 2:
-        shape = None if logits is None else logits.shape
+    if logits is None or len(logits.shape) != 2:
+        shape = None if logits is None else tuple(logits.shape)
         raise ValueError(
             f"{penalty_name} needs classifier logits of shape (batch, num_classes); the model returned shape "
             f"{shape}. Jacobian penalties are defined for single-output classifiers."
@@ -66,7 +67,8 @@ def checked_logits(context, penalty_name):
     num_classes = logits.shape[-1]
     if num_classes is None or num_classes < 2:
         raise ValueError(
-            f"{penalty_name} needs logits for at least 2 classes (shape (batch, C), C >= 2), got shape {logits.shape}."
+            f"{penalty_name} needs logits for at least 2 classes (shape (batch, C), C >= 2), got shape "
+            f"{tuple(logits.shape)}."
         )
     return logits
 
@@ -76,8 +78,8 @@ def per_example_loss(logits, y, loss="cross_entropy", model=None, penalty_name="
     if loss == "cross_entropy":
         sparse, dense = labels.sparse_or_dense(y, logits.shape[-1], f"{penalty_name} (loss='cross_entropy')")
         if sparse is not None:
-            return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=sparse, logits=logits)
-        return tf.nn.softmax_cross_entropy_with_logits(labels=dense, logits=logits)
+            return ops.sparse_categorical_crossentropy(sparse, logits, from_logits=True)
+        return ops.categorical_crossentropy(dense, logits, from_logits=True)
     compiled = getattr(model, "loss", None)
     if compiled is None:
         raise ValueError(f"{penalty_name} with loss='compiled' needs a model compiled with a loss.")
@@ -87,8 +89,8 @@ def per_example_loss(logits, y, loss="cross_entropy", model=None, penalty_name="
         values = compiled.call(y, logits)  # `call` is the unreduced per-example loss.
     else:
         values = keras.losses.get(compiled)(y, logits)
-    values = tf.cast(values, tf.float32)
-    return tf.reshape(values, [tf.shape(logits)[0], -1]) if values.shape.rank != 1 else values
+    values = ops.cast(values, "float32")
+    return ops.reshape(values, [ops.shape(logits)[0], -1]) if len(values.shape) != 1 else values
 
 
 def loss_cotangent(logits, y, loss="cross_entropy", model=None, penalty_name="penalty"):
@@ -100,30 +102,28 @@ def loss_cotangent(logits, y, loss="cross_entropy", model=None, penalty_name="pe
     if loss == "cross_entropy":
         sparse, dense = labels.sparse_or_dense(y, logits.shape[-1], f"{penalty_name} (loss='cross_entropy')")
         if dense is None:
-            dense = tf.one_hot(sparse, logits.shape[-1], dtype=tf.float32)
+            dense = ops.one_hot(sparse, logits.shape[-1], dtype="float32")
         # ∂/∂z of −Σ_c y_c log p_c is p Σ_c y_c − y (= p − e_y for one-hot labels).
-        return tf.nn.softmax(logits) * tf.reduce_sum(dense, axis=-1, keepdims=True) - dense
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-        tape.watch(logits)
-        total = tf.reduce_sum(per_example_loss(logits, y, loss, model, penalty_name))
-    return tape.gradient(total, logits)
+        return ops.softmax(logits, axis=-1) * ops.sum(dense, axis=-1, keepdims=True) - dense
+    (gradient,) = backend.grad(lambda z: ops.sum(per_example_loss(z, y, loss, model, penalty_name)), logits)
+    return gradient
 
 
 def per_example_power_norm(rows, p, power, epsilon):
     """`||row||_p^power` per example, guarded so that value and gradient stay finite at 0."""
-    flat = tf.reshape(rows, [tf.shape(rows)[0], -1])
+    flat = ops.reshape(rows, [ops.shape(rows)[0], -1])
     if p == 2.0 and power == 2.0:
-        return tf.reduce_sum(tf.square(flat), axis=-1)
+        return ops.sum(ops.square(flat), axis=-1)
     if p == 1.0 and power == 1.0:
-        return tf.reduce_sum(tf.abs(flat), axis=-1)
+        return ops.sum(ops.abs(flat), axis=-1)
     if p == power and p > 1.0:
         # No root taken: Σ|g|^p has a finite gradient at 0 for p > 1.
-        return tf.reduce_sum(tf.pow(tf.abs(flat), p), axis=-1)
+        return ops.sum(ops.power(ops.abs(flat), p), axis=-1)
     if p == 2.0:
-        total = tf.reduce_sum(tf.square(flat), axis=-1)
+        total = ops.sum(ops.square(flat), axis=-1)
     else:
-        total = tf.reduce_sum(tf.pow(tf.abs(flat), p), axis=-1)
-    return tf.pow(total + epsilon**p, power / p)
+        total = ops.sum(ops.power(ops.abs(flat), p), axis=-1)
+    return ops.power(total + epsilon**p, power / p)
 
 
 class LogitJacobianPenalty(Penalty):
@@ -140,7 +140,7 @@ class RandomLogitJacobianPenalty(RandomDirections, LogitJacobianPenalty):
     """A logit-Jacobian penalty that draws random unit directions in `R^C` every step (see `RandomDirections`)."""
 
     def _unit_vectors(self, batch_size, num_classes, centered=False):
-        draw = self.normal(tf.stack([batch_size, num_classes]))
+        draw = self.normal((batch_size, num_classes))
         if centered:
-            draw = draw - tf.reduce_mean(draw, axis=-1, keepdims=True)
+            draw = draw - ops.mean(draw, axis=-1, keepdims=True)
         return linalg.l2_normalize(draw, axis=-1)

@@ -4,7 +4,7 @@ Johansson, Engsner, Strannegård, Mostad, "Slope and generalization properties o
 (arXiv 2107.01473) propose the slope as a regularizer; this penalizes the exact per-example slope.
 """
 
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import linalg
 from keras_wssi import structure
@@ -81,9 +81,9 @@ class SlopePenalty(Penalty):
             _, sigma_squared = linalg.spectral_norm_squared(jacobian)
         else:
             num_classes = context.logits.shape[-1]
-            start = tf.ones([context.batch_size, num_classes], tf.float32) + tf.range(num_classes, dtype=tf.float32)[None] * 0.1
+            start = ops.ones([context.batch_size, num_classes], "float32") + ops.arange(num_classes, dtype="float32")[None] * 0.1
             _, sigma_squared = linalg.jacobian_power_iteration(context.vjp, context.jvp, start, self.iterations)
-        values = sigma_squared if self.power == 2 else tf.sqrt(sigma_squared + 1e-12)
+        values = sigma_squared if self.power == 2 else ops.sqrt(sigma_squared + 1e-12)
         return context.reduce_per_example(values)
 
     def get_config(self):

@@ -7,7 +7,7 @@ from the full Jacobian; the gradient is the envelope-theorem one (the final vect
 
 import math
 
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import linalg
 from keras_wssi import validation
@@ -143,32 +143,32 @@ class JacobianSpectralNorm(RandomLogitJacobianPenalty):
     def _warm_vectors(self, num_classes):
         """`v_c` of every class, the initial vector where the class has not been seen, `(C, C)`."""
         state = self._warm_state_for(num_classes).value
-        unseen = tf.reduce_all(tf.equal(state, 0.0), axis=-1, keepdims=True)
-        return tf.where(unseen, tf.constant(self._warm_initial), state)
+        unseen = ops.all(ops.equal(state, 0.0), axis=-1, keepdims=True)
+        return ops.where(unseen, ops.convert_to_tensor(self._warm_initial), state)
 
     def _warm_start_vectors(self, logits):
-        classes = tf.argmax(tf.stop_gradient(logits), axis=-1, output_type=tf.int32)
-        return tf.gather(self._warm_vectors(logits.shape[-1]), classes)
+        classes = ops.argmax(ops.stop_gradient(logits), axis=-1)
+        return ops.take(self._warm_vectors(logits.shape[-1]), classes, axis=0)
 
     def _update_warm_state(self, logits, vectors):
         """`v_c ← normalize(d·v_c + (1 − d)·a_c)`, `a_c` the mean of this batch's final vectors of class `c`, each
         signed to agree with the class's start vector (a singular vector's sign is arbitrary). An unseen class has
         `v_c = 0`, so its first update is `a_c` itself."""
         state = self._warm_state
-        classes = tf.argmax(tf.stop_gradient(logits), axis=-1, output_type=tf.int32)
-        vectors = tf.stop_gradient(vectors)
-        current = tf.gather(self._warm_vectors(logits.shape[-1]), classes)
-        signs = tf.where(tf.reduce_sum(vectors * current, axis=-1, keepdims=True) < 0.0, -1.0, 1.0)
-        members = tf.one_hot(classes, logits.shape[-1], dtype=tf.float32)
-        counts = tf.reduce_sum(members, axis=0)
-        means = tf.einsum("bk,bc->kc", members, signs * vectors) / tf.maximum(counts, 1.0)[:, tf.newaxis]
+        classes = ops.argmax(ops.stop_gradient(logits), axis=-1)
+        vectors = ops.stop_gradient(ops.cast(vectors, "float32"))
+        current = ops.take(self._warm_vectors(logits.shape[-1]), classes, axis=0)
+        signs = ops.where(ops.sum(vectors * current, axis=-1, keepdims=True) < 0.0, -1.0, 1.0)
+        members = ops.one_hot(classes, logits.shape[-1], dtype="float32")
+        counts = ops.sum(members, axis=0)
+        means = ops.einsum("bk,bc->kc", members, signs * vectors) / ops.maximum(counts, 1.0)[:, None]
         blended = self.warm_decay * state.value + (1.0 - self.warm_decay) * means
         # Classes absent from the batch, or whose signed mean cancels to ~0, keep their vector.
-        usable = (counts > 0)[:, tf.newaxis] & (linalg.safe_norm(blended, axis=-1, keepdims=True) > 1e-6)
-        state.assign(tf.where(usable, linalg.l2_normalize(blended, axis=-1), state.value))
+        usable = ops.logical_and((counts > 0)[:, None], linalg.safe_norm(blended, axis=-1, keepdims=True) > 1e-6)
+        state.assign(ops.where(usable, linalg.l2_normalize(blended, axis=-1), state.value))
 
     def _start_vectors(self, context, logits):
-        batch, num_classes = tf.shape(logits)[0], logits.shape[-1]
+        batch, num_classes = ops.shape(logits)[0], logits.shape[-1]
         if self.start == "warm":
             return self._warm_start_vectors(logits)
         if self.start == "random":
@@ -176,25 +176,26 @@ class JacobianSpectralNorm(RandomLogitJacobianPenalty):
         if self.start == "fixed":
             if self._fixed_start is None or self._fixed_start.shape[-1] != num_classes:
                 self._fixed_start = linalg.random_unit_rows((1, num_classes), self.seed)[0]
-            return tf.tile(tf.constant(self._fixed_start)[tf.newaxis], [batch, 1])
-        direction = tf.stop_gradient(loss_cotangent(logits, context.y, "cross_entropy", None, self.name))
+            return ops.broadcast_to(ops.convert_to_tensor(self._fixed_start)[None], [batch, num_classes])
+        direction = ops.stop_gradient(loss_cotangent(logits, context.y, "cross_entropy", None, self.name))
         # A perfectly fit example has p − e_y ≈ 0: fall back to a fixed vector rather than a zero start.
-        fallback = tf.fill([batch, num_classes], 1.0 / math.sqrt(num_classes)) + tf.one_hot(
-            tf.zeros([batch], tf.int32), num_classes
+        fallback_row = ops.full([num_classes], 1.0 / math.sqrt(num_classes), dtype="float32") + ops.one_hot(
+            ops.convert_to_tensor(0, "int32"), num_classes, dtype="float32"
         )
+        fallback = ops.broadcast_to(fallback_row[None], [batch, num_classes])
         small = linalg.safe_norm(direction, axis=-1, keepdims=True) < 1e-6
-        return tf.where(small, fallback, direction)
+        return ops.where(small, fallback, direction)
 
     def sigma_squared(self, context):
         """Per-example `σ_max²` estimate (differentiable through `J` only), `(B,)`."""
         logits = checked_logits(context, self.name)
-        batch, num_classes = tf.shape(logits)[0], logits.shape[-1]
+        batch, num_classes = ops.shape(logits)[0], logits.shape[-1]
         method = _resolve_method(self.method, self.iterations, num_classes)
         if method == "exact":
             jacobian = linalg.jacobian_from_vjp(context.vjp, batch, num_classes, stop_gradients=True)
             top, _ = linalg.spectral_norm_squared(jacobian)
             rows = context.vjp(top)
-            return tf.reduce_sum(tf.square(tf.reshape(rows, [batch, -1])), axis=-1)
+            return ops.sum(ops.square(ops.reshape(rows, [batch, -1])), axis=-1)
         iterate = linalg.jacobian_lanczos if method == "lanczos" else linalg.jacobian_power_iteration
         vectors, sigma_squared = iterate(context.vjp, context.jvp, self._start_vectors(context, logits), self.iterations)
         if self.start == "warm" and context.training:
@@ -204,7 +205,7 @@ class JacobianSpectralNorm(RandomLogitJacobianPenalty):
     def call(self, context):
         sigma_squared = self.sigma_squared(context)
         if not self.squared:
-            sigma_squared = tf.sqrt(sigma_squared + self.epsilon**2)
+            sigma_squared = ops.sqrt(sigma_squared + self.epsilon**2)
         return context.reduce_per_example(sigma_squared)
 
     def error_monitor(self, name=None):
@@ -264,12 +265,12 @@ class JacobianSpectralNormError(JacobianSpectralNorm):
 
     def call(self, context):
         logits = checked_logits(context, self.name)
-        batch, num_classes = tf.shape(logits)[0], logits.shape[-1]
-        estimate = tf.stop_gradient(self.sigma_squared(context))
+        batch, num_classes = ops.shape(logits)[0], logits.shape[-1]
+        estimate = ops.stop_gradient(self.sigma_squared(context))
         jacobian = linalg.jacobian_from_vjp(context.vjp, batch, num_classes, stop_gradients=True)
         _, exact = linalg.spectral_norm_squared(jacobian)
-        sigma, sigma_hat = tf.sqrt(tf.maximum(exact, 0.0)), tf.sqrt(tf.maximum(estimate, 0.0))
-        return context.reduce_per_example(tf.math.divide_no_nan(sigma - sigma_hat, sigma))
+        sigma, sigma_hat = ops.sqrt(ops.maximum(exact, 0.0)), ops.sqrt(ops.maximum(estimate, 0.0))
+        return context.reduce_per_example(ops.divide_no_nan(sigma - sigma_hat, sigma))
 
     def get_config(self):
         return {

@@ -5,7 +5,7 @@ lower them by rebalancing layers without changing the function, down to `L Â· (â
 They are kept as baselines for the WEISSI penalties.
 """
 
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import structure
 from keras_wssi import validation
@@ -65,13 +65,13 @@ class WeightDecay(Penalty):
     def call(self, context):
         total = 0.0
         for kernel in self._kernels:
-            kernel = tf.cast(kernel, tf.float32)
+            kernel = ops.cast(kernel, "float32")
             if self.p == 2.0:
-                total += tf.reduce_sum(tf.square(kernel))
+                total += ops.sum(ops.square(kernel))
             elif self.p == 1.0:
-                total += tf.reduce_sum(tf.abs(kernel))
+                total += ops.sum(ops.abs(kernel))
             else:
-                total += tf.reduce_sum(tf.pow(tf.abs(kernel), self.p))
+                total += ops.sum(ops.power(ops.abs(kernel), self.p))
         return total
 
     def get_config(self):

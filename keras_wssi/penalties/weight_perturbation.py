@@ -10,8 +10,9 @@
   `∇L(w + ε̂)`.
 """
 
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import linalg
 from keras_wssi import margin_bounds
 from keras_wssi import structure
@@ -113,19 +114,19 @@ class WeightPerturbationLoss(Penalty):
             raise ValueError(f"{self.name} needs labels (y) to compute margins.")
         logits = context.logits
         labels = margin_bounds.labels_vector(context.y, logits.shape[-1])
-        margins = margin_bounds.margins(tf.cast(logits, tf.float32), labels)
+        margins = margin_bounds.margins(ops.cast(logits, "float32"), labels)
         if self.mode in ("norm", "activation"):
             bounds = margin_bounds.activation_norm_bounds(self._chain, context.x, labels, self._radii, self.norm, self.mode)
         else:
             # The hinge uses the step's own margins; the bound's lower margins enter through their distance.
             result = margin_bounds.bound_margins(
                 self._chain, context.x, labels, self._radii, self.norm, self.mode, dense=None, refine_limit=0,
-                dtype=tf.float32,
+                dtype="float32",
             )
             bounds = result["margins"] - result["lower"]
         # Column y has bound 0 and margin 0: its hinge is 0, so the max over all columns is the max over i ≠ y.
-        hinge = tf.reduce_max(tf.nn.relu(bounds - margins), axis=-1)
-        value = tf.zeros([], tf.float32)
+        hinge = ops.max(ops.relu(bounds - margins), axis=-1)
+        value = ops.zeros((), "float32")
         if self.margin_weight:
             value += self.margin_weight * context.reduce_per_example(hinge)
         if self.complexity_weight:
@@ -181,19 +182,21 @@ class SharpnessAwareMinimization(Penalty):
 
     def call(self, context):
         model = context.model
-        trainable = list(model.trainable_variables)
-        non_trainable = [tf.convert_to_tensor(v) for v in model.non_trainable_variables]
-        with tf.GradientTape(watch_accessed_variables=False) as tape:
-            values = [tf.convert_to_tensor(v) for v in trainable]
-            tape.watch(values)
-            outputs, _ = model.stateless_call(values, non_trainable, context.x, training=context.training)
-            loss = context.compiled_loss(outputs)
-        gradients = tape.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        gradients = [tf.stop_gradient(tf.cast(g, tf.float32)) for g in gradients]
+        # The current values (inside a training step: the step's values); the inner gradient is taken with
+        # respect to them as primals and held constant.
+        values = [ops.convert_to_tensor(v.value) for v in model.trainable_variables]
+        non_trainable = [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+
+        def loss_at(*weights):
+            outputs, _ = model.stateless_call(list(weights), non_trainable, context.x, training=context.training)
+            return context.compiled_loss(outputs)
+
+        gradients = backend.grad(loss_at, *values)
+        gradients = [ops.stop_gradient(ops.cast(g, "float32")) for g in gradients]
         # Global norm over all weights, guarded: a zero gradient gives ε̂ = 0 (value 0), never NaN.
-        global_norm = linalg.safe_norm(tf.stack([linalg.safe_norm(g) for g in gradients]))
+        global_norm = linalg.safe_norm(ops.stack([linalg.safe_norm(g) for g in gradients]))
         scale = self.rho / global_norm
-        perturbed = [tf.convert_to_tensor(v) + tf.cast(scale * g, v.dtype) for v, g in zip(trainable, gradients)]
+        perturbed = [v + ops.cast(scale * g, v.dtype) for v, g in zip(values, gradients)]
         perturbed_outputs, _ = model.stateless_call(perturbed, non_trainable, context.x, training=context.training)
         return context.compiled_loss(perturbed_outputs) - context.compiled_loss(context._raw_logits)
 

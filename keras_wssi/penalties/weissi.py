@@ -9,7 +9,7 @@ weights only through `∏_l ||W_l||`, which upper-bounds the input-gradient norm
 
 import warnings
 
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import linalg
 from keras_wssi import structure
@@ -179,7 +179,7 @@ class WEISSI(Penalty):
     def _log_norms(self):
         log_norms = []
         for kernel, kind, vector_index in self._kernels:
-            kernel = tf.cast(kernel, tf.float32)
+            kernel = ops.cast(kernel, "float32")
             if vector_index is None:
                 value, _ = linalg.matrix_norm(kernel, self.norm, kind, epsilon=self.epsilon)
             else:
@@ -188,7 +188,7 @@ class WEISSI(Penalty):
                     kernel, "spectral", kind, u=state.value, iterations=self.power_iterations, epsilon=self.epsilon
                 )
                 state.assign(new_u)
-            log_norms.append(tf.math.log(value + self.epsilon))
+            log_norms.append(ops.log(value + self.epsilon))
         return log_norms
 
     def call(self, context):
@@ -199,20 +199,20 @@ class WEISSI(Penalty):
                 total_log += log_norms[payload]
             else:
                 # log Σ_branches ∏_{k∈branch} n_k; an empty (identity) branch contributes exp(0) = 1.
-                branch_logs = [tf.add_n([log_norms[i] for i in branch]) if branch else tf.zeros([]) for branch in payload]
-                total_log += tf.reduce_logsumexp(tf.stack(branch_logs))
+                branch_logs = [sum(log_norms[i] for i in branch) if branch else ops.zeros(()) for branch in payload]
+                total_log += ops.logsumexp(ops.stack(branch_logs))
         if self.form == "log_product":
             value = total_log
         elif self.form == "product":
-            value = tf.exp(total_log)
+            value = ops.exp(total_log)
         else:
             count = float(len(self._kernels))
-            value = count * tf.exp(2.0 * total_log / count)
+            value = count * ops.exp(2.0 * total_log / count)
         if self.direction_weight:
             direction = 0.0
             for kernel, _, _ in self._kernels:
-                kernel = tf.cast(kernel, tf.float32)
-                direction += tf.reduce_sum(tf.abs(kernel)) / linalg.safe_norm(kernel, epsilon=self.epsilon)
+                kernel = ops.cast(kernel, "float32")
+                direction += ops.sum(ops.abs(kernel)) / linalg.safe_norm(kernel, epsilon=self.epsilon)
             value += self.direction_weight * direction
         return value
 
