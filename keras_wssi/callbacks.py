@@ -5,12 +5,19 @@ Johansson, Engsner, Strannegård, Mostad, "Slope and generalization properties o
 `SlopeLogger` does that and writes the summary into the epoch logs (so it lands in `History`, the progress
 bar and any later callback) and, with `log_dir`, a TensorBoard histogram. `SlopeEarlyStopping` stops on it.
 
-Training that survives kills, corruption and divergence: `ResumableBackup` keeps `tf.train.CheckpointManager`
-backups of every variable (model, optimizer, penalty state) with the epoch and the run's configuration, and
-resumes from the newest readable one; `TerminateOnNonFinite` stops at the first step whose loss, penalties,
+Training that survives kills, corruption and divergence: `ResumableBackup` keeps backups of every variable
+(model, optimizer, penalty state) with the epoch and the run's configuration — `tf.train.CheckpointManager` on
+TensorFlow, fsynced and checksummed array files of the same layout on JAX — and resumes from the newest
+readable one; `TerminateOnNonFinite` stops at the first step whose loss, penalties,
 weights or optimizer state stop being finite, naming the cause; `CheckLabels` refuses labels outside the
 model's classes before the first step (XLA would turn them into NaN silently); `AtomicWeightsCheckpoint`
 writes per-epoch weights that are complete and finite, or nothing.
+
+On JAX, Keras keeps the training state in arrays during an epoch and writes it back into the variables when a
+callback reads `self.model` (and at every epoch end). Every callback here reads and assigns variables only
+through `self.model`, so the guards see the current weights and an assigned strength reaches the next step; a
+callback of your own that assigns a variable mid-epoch must do the same (e.g. `self.model.penalties[0].strength
+= value`, not a penalty object kept aside).
 """
 
 import hashlib
@@ -669,12 +676,16 @@ class _ArrayBackups:
 class ResumableBackup(keras.callbacks.Callback):
     """Backs up a run after every epoch and resumes it from the newest readable backup.
 
-    Each backup is a `tf.train.Checkpoint` of every variable of the run (`training_state_variables`: weights,
-    optimizer slots and step, penalty state) plus the number of finished epochs, the epoch logs and the run's
-    configuration, written by `tf.train.CheckpointManager` (data first, then the `checkpoint` pointer, each
-    atomically). Before a backup is written the state is checked to be finite; after it, every tensor of it
-    is read back (CRC-checked), and the previous backup is kept (`max_to_keep=2`) until the next one has
-    been. On restart (`on_train_begin`) the backups are tried newest first: one that cannot be read — a
+    Each backup holds every variable of the run (`training_state_variables`: weights, optimizer slots and
+    step, penalty state) plus the number of finished epochs, the epoch logs and the run's configuration. On
+    TensorFlow it is a `tf.train.Checkpoint` written by `tf.train.CheckpointManager` (data first, then the
+    `checkpoint` pointer, each atomically). On JAX, whose arrays `tf.train` cannot save, the same content goes
+    into files of the same layout: `ckpt-N.data-00000-of-00001` (the arrays' bytes) and `ckpt-N.index` (JSON:
+    epoch, logs, configuration, each array's dtype/shape/offset, the data's size and SHA-256), each written to
+    a temporary file, fsynced and renamed (the index last, so a listed backup is complete), then the pointer.
+    Before a backup is written the state is checked to be finite; after it, every tensor of it is read back
+    (CRC- or SHA-256-checked), and the previous backup is kept (`max_to_keep=2`) until the next one has
+    been. A backup in the other backend's format is refused with `BackupMismatchError`, never deleted. On restart (`on_train_begin`) the backups are tried newest first: one that cannot be read — a
     truncated file, a missing shard, a pointer naming nothing — is reported and deleted, and the previous
     one is used; a pointer that is empty, unparsable or points elsewhere is ignored (the folder's listing is
     the truth). A backup written by another configuration is refused with `BackupMismatchError` (or
