@@ -1,6 +1,7 @@
 """One process of the JAX scale-out test: trains a keras_wssi.Model through `fit` under `keras.distribution`.
 
-Usage: `jax_data_parallel_check.py OUT.npz PENALTY [--process=I --port=P]`. With `--process`, this is one of two
+Usage: `jax_data_parallel_check.py OUT_PREFIX PENALTY[,PENALTY...] [--process=I --port=P]`; writes
+`OUT_PREFIX<index>.npz` per penalty (one model each, trained in turn in the same processes). With `--process`, this is one of two
 processes on 127.0.0.1 (`keras.distribution.initialize`, CPU collectives): the global batch of 32 is sharded
 over the two processes' devices by `keras.distribution.DataParallel`, each process feeding its own half of the
 data (process i holds examples i*N/2 … (i+1)*N/2). Without it, one process trains on the same global batches
@@ -33,7 +34,7 @@ def build_model():
 
 
 def main(argv):
-    out, penalty = argv[1], argv[2]
+    prefix, penalties = argv[1], argv[2].split(",")
     options = dict(a[2:].split("=", 1) for a in argv[3:])
     import keras
 
@@ -60,17 +61,17 @@ def main(argv):
         y_fit = np.concatenate(blocks[1::2])
         batch_size = 2 * local_batch
 
-    model = build_model()
-    model.compile(
-        keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        regularizers=[] if penalty == "none" else [penalty], jit_compile=True,
-    )
-    history = model.fit(x_fit, y_fit, batch_size=batch_size, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
-    weights = [np.asarray(v.value) for v in model.trainable_variables]
-    state = [np.asarray(v.value) for v in model.non_trainable_variables]
-    arrays = {f"w{i}": w for i, w in enumerate(weights)}
-    arrays.update({f"s{i}": s for i, s in enumerate(state)})
-    np.savez(out, history=json.dumps({k: [float(v) for v in vs] for k, vs in history.history.items()}), **arrays)
+    for index, penalty in enumerate(penalties):
+        model = build_model()
+        model.compile(
+            keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            regularizers=[] if penalty == "none" else [penalty], jit_compile=True,
+        )
+        history = model.fit(x_fit, y_fit, batch_size=batch_size, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
+        arrays = {f"w{i}": np.asarray(v.value) for i, v in enumerate(model.trainable_variables)}
+        arrays.update({f"s{i}": np.asarray(v.value) for i, v in enumerate(model.non_trainable_variables)})
+        history = json.dumps({k: [float(v) for v in vs] for k, vs in history.history.items()})
+        np.savez(f"{prefix}{index}.npz", history=history, **arrays)
 
 
 if __name__ == "__main__":

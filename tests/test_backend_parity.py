@@ -3,7 +3,9 @@
 Runs `tests/backend_parity_check.py` once per backend (each in its own process: Keras picks its backend at import)
 on the same NumPy weights, batch, penalty state and random draws, and compares. Tolerance: 1e-5 relative for the
 value and for the gradient (as a vector, in the 2-norm), the target of the JAX-backend issue; measured values are
-printed.
+printed (seen: at most 3.3e-7). One exception: `jacobian_spectral_norm_error` is a monitor whose value is itself a
+relative error, `(σ − σ̂)/σ` ≈ 0.006, the difference of two nearly equal numbers; it is compared in absolute terms
+(1e-5, i.e. relative to σ; seen: 8e-8 absolute, 1.3e-5 relative to the tiny difference).
 """
 
 import json
@@ -19,6 +21,8 @@ pytestmark = pytest.mark.slow
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "backend_parity_check.py")
 RELATIVE_TOLERANCE = 1e-5
+# Values that are themselves relative errors: compared on the scale of 1 (see above).
+ABSOLUTE_SCALE = ("jacobian_spectral_norm_error/",)
 
 
 def _run(backend, path):
@@ -45,7 +49,8 @@ def test_every_penalty_agrees_between_tensorflow_and_jax(both):
             assert a.get("refused") == b.get("refused"), (key, a, b)
             report.append(f"{key}: refused ({a['refused']}) on both")
             continue
-        value_error = abs(a["value"] - b["value"]) / max(abs(a["value"]), 1e-6)
+        scale = 1.0 if key.startswith(ABSOLUTE_SCALE) else max(abs(a["value"]), 1e-6)
+        value_error = abs(a["value"] - b["value"]) / scale
         ga, gb = np.array(a["gradient"]), np.array(b["gradient"])
         gradient_error = np.linalg.norm(ga - gb) / max(np.linalg.norm(ga), 1e-6)
         report.append(f"{key}: value {a['value']:.6g} rel {value_error:.1e}, gradient rel {gradient_error:.1e}")

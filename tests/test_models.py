@@ -192,7 +192,8 @@ def test_subclassing_keras_wssi_model_works(jit_compile):
     model.compile(
         "sgd", CE, regularizers=["weissi", "l1:1e-4", WEISSI(name="spectral", norm="spectral")], jit_compile=jit_compile
     )
-    history = model.fit(x, y, epochs=2, verbose=0).history
+    # Four epochs: the power iteration (one round per step) must converge from each backend's own random start.
+    history = model.fit(x, y, epochs=4, verbose=0).history
     assert {"weissi", "l1", "spectral"} <= set(history)
     np.testing.assert_allclose(
         history["spectral"][-1], np.log(np.linalg.norm(model.dense.kernel.numpy(), 2)), rtol=0.05

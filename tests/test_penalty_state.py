@@ -168,20 +168,20 @@ def test_changing_strength_changes_the_loss_by_delta_times_value_without_retraci
     x, y = batches(5)[0]
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     model.evaluate(x, y, verbose=0)
-    traces = compiled_count(model.test_function)
+    traces = compiled_count(model.test_function, jit_compile)
     first = model.evaluate(x, y, verbose=0, return_dict=True)
     penalty.strength = 1000.0
     second = model.evaluate(x, y, verbose=0, return_dict=True)
-    assert compiled_count(model.test_function) == traces, "changing strength retraced"
+    assert compiled_count(model.test_function, jit_compile) == traces, "changing strength retraced"
     value = first["input_gradient"]
     assert value > 0 and second["input_gradient"] == pytest.approx(value, rel=1e-6)
     assert second["loss"] - first["loss"] == pytest.approx((1000.0 - 0.05) * value, rel=1e-4)
     assert penalty.get_config()["strength"] == 1000.0
     # Training reads the new strength too: one SGD step moves the weights by the larger gradient.
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    train_traces = compiled_count(model.train_function)
+    train_traces = compiled_count(model.train_function, jit_compile)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert compiled_count(model.train_function) == train_traces
+    assert compiled_count(model.train_function, jit_compile) == train_traces
 
 
 def test_strength_schedule_callback_warms_up_and_is_logged():
