@@ -597,6 +597,16 @@ def _write_atomically(path, payload):
     os.replace(temporary, path)
 
 
+def _numpy_dtype(name):
+    """The NumPy dtype named `name`, including ml_dtypes' (bfloat16, float8…) that NumPy does not know by name."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # Installed with JAX; Keras's low-precision dtypes come from it.
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
 class _ArrayBackups:
     """Backups of plain arrays, for backends whose variables `tf.train.Checkpoint` cannot save (JAX).
 
@@ -618,7 +628,7 @@ class _ArrayBackups:
         for key, array in arrays:
             array = np.asarray(array)  # tobytes() is C order; ascontiguousarray would make 0-d arrays 1-d.
             payload = array.tobytes()
-            entries.append({"key": key, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset})
+            entries.append({"key": key, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset})
             chunks.append(payload)
             offset += len(payload)
         payload = b"".join(chunks)
@@ -644,11 +654,14 @@ class _ArrayBackups:
         if hashlib.sha256(payload).hexdigest() != index["data_sha256"]:
             raise ValueError("the data file's SHA-256 differs from the one its index recorded")
         arrays = []
-        for entry in index["variables"]:
-            dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
-            count = int(np.prod(shape, dtype=np.int64))
-            array = np.frombuffer(payload, dtype=dtype, count=count, offset=entry["offset"]) if count else np.zeros(0, dtype)
-            arrays.append(array.reshape(shape))
+        try:
+            for entry in index["variables"]:
+                dtype, shape = _numpy_dtype(entry["dtype"]), tuple(entry["shape"])
+                count = int(np.prod(shape, dtype=np.int64))
+                array = np.frombuffer(payload, dtype=dtype, count=count, offset=entry["offset"]) if count else np.zeros(0, dtype)
+                arrays.append(array.reshape(shape))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{prefix}.index does not describe its arrays ({type(error).__name__}: {error})") from error
         return index, arrays
 
     def write_pointer(self, prefixes):
