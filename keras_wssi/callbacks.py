@@ -300,6 +300,19 @@ def _variable_name(variable):
     return getattr(variable, "path", None) or getattr(variable, "name", "?")
 
 
+def _finite_flags(values):
+    return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in values])
+
+
+_COMPILED_FINITE_FLAGS = []
+
+
+def _compiled_finite_flags():
+    if not _COMPILED_FINITE_FLAGS:
+        _COMPILED_FINITE_FLAGS.append(backend.function(_finite_flags, jit_compile=True))
+    return _COMPILED_FINITE_FLAGS[0]
+
+
 class _FiniteCheck:
     """One compiled function that reports, per floating-point variable, whether all its entries are finite.
 
@@ -311,11 +324,10 @@ class _FiniteCheck:
         self.count = len(variables)
         self.ids = [id(v) for v in variables]
 
-        def flags():
-            return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in self.variables])
-
-        # Compiled on JAX (an uncompiled JAX function dispatches op by op); a plain graph on TensorFlow.
-        self._flags = backend.function(flags, variables=self.variables, jit_compile=backend.BACKEND == "jax")
+        if backend.BACKEND == "tensorflow":  # A graph reading the variables by reference.
+            self._flags = backend.function(lambda: _finite_flags(self.variables), variables=self.variables, jit_compile=False)
+        else:  # One jax.jit for every check, fed the current values: models of equal shapes share its compilation.
+            self._flags = lambda: _compiled_finite_flags()([v.value for v in self.variables])
 
     def non_finite(self):
         if not self.variables:
