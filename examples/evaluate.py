@@ -30,6 +30,12 @@ Writes into --output_dir: `report.json` (every number with its settings, RobustB
 `accuracy_vs_epsilon.png` (one panel per attack / noise family, one line per model) and `plots/`.
 Gradient attacks are cleverhans's `tf2` functions, run batched and compiled by keras_wssi; `cw_l2` and
 `square` come from the Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`).
+
+Backends: KERAS_BACKEND=tensorflow (default) or jax. On JAX the gradient attacks are cleverhans.jax's (L∞ FGSM,
+PGD, BIM, Madry) or keras_wssi's keras.ops transcription of cleverhans.tf2 (L2, MIM, custom losses), the ensemble
+is the same compiled code, and the ART attacks (`cw_l2`, `square`, `square_l2`) are refused with the replacement
+named (`fab_t_l2`, `square_compiled`, `square_compiled_l2`); every attack's settings record its `implementation`
+and the `backend`.
 """
 
 import os

@@ -4,9 +4,9 @@ regularizers for Keras 3, with the evaluation that checks what they buy.
 Layers of the package, lowest first (nothing imports a module above it; `tests/test_import_layering.py` derives
 this order from the imports and fails on a cycle or an upward import):
 
-1. tensor math and arguments: `validation`, `labels`, `linalg`;
-2. reading models and the step's autodiff: `structure`, `margin_bounds`, `backend` (one module per Keras backend),
-   `context`, `xla` (when to compile with XLA);
+1. tensor math, arguments and autodiff: `validation`, `labels`, `backend` (the primitives that differ per Keras
+   backend: training step, VJP/JVP, compiled functions, random draws; one module per backend), `linalg`;
+2. reading models: `structure`, `margin_bounds`, `context`, `xla` (when to compile with XLA);
 3. training side: `penalties`, `regularizers`, then `models` (the training step, with `distribute`'s multi-worker
    fix), `architectures`, `data`, `callbacks`, `experiments`;
 4. reading side: `analysis` (bounds, identities, slope, certificates), then `evaluation` (attacks, noise, weight

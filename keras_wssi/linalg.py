@@ -2,6 +2,12 @@
 
 Tensors in, tensors out; nothing here knows about Keras models. Every norm is guarded so that its value
 and gradient stay finite at zero (the gradient of `sqrt` at 0 is infinite, DESIGN.md §3).
+
+Written once in `keras.ops` for every Keras backend; derivatives (a convolution's adjoint, an activation's
+derivative, reverse-mode Jacobian rows) come from `keras_wssi.backend.vjp`. Functions compute in the dtype of
+their input: float64 on TensorFlow; on JAX float64 exists only with `jax_enable_x64`
+(`keras_wssi.backend.supports_float64()`), otherwise float64 arrays are converted to float32 (JAX's default
+32-bit mode), so results are float32-accurate there.
 """
 
 import keras
@@ -158,7 +164,7 @@ def per_example_jacobian(function, x, num_classes=None):
 
     The batch is replicated once per output (`C · B` rows), and one backward pass with the cotangent `e_c` on
     replica `c` yields every row of every Jacobian at once. Only reverse-mode products are used, so this
-    compiles under XLA (unlike `tape.batch_jacobian`). The examples must not interact inside `function` (true in
+    compiles under XLA (unlike TensorFlow's `tape.batch_jacobian`). The examples must not interact inside `function` (true in
     inference mode; BatchNorm in training mode, for instance, mixes them).
 
     Args:
@@ -238,7 +244,7 @@ def top_eigenvector(gram, squarings=10, epsilon=1e-30):
     the basis vectors, i.e. power iteration with `2^k` (1024 by default) steps for `k` tiny batched matmuls. The
     column of largest norm is taken (it cannot be orthogonal to the top eigenvector unless all are). This is
     exact to float precision unless the top two eigenvalues agree to ~1e-3 relative, in which case any vector of
-    their span has a Rayleigh quotient that close to the top. `tf.linalg.eigh` gives the same result but was
+    their span has a Rayleigh quotient that close to the top. An eigen-solver (`eigh`) gives the same result but was
     ~25× slower than a whole training step under XLA on CPU for a batch of 128 10×10 matrices.
 
     Args:
@@ -277,7 +283,8 @@ def spectral_norm_squared(jacobian, squarings=10):
     differentiable in `J` (exact at the eigenvector, where `∂σ²/∂J = 2 v vᵀ J`).
 
     Args:
-        jacobian: `(B, C, …)` per-example Jacobians; float64 gives float64 accuracy (analysis), float32 the
+        jacobian: `(B, C, …)` per-example Jacobians; float64 gives float64 accuracy (analysis) on TensorFlow, and
+            on JAX with `jax_enable_x64` (without it, JAX computes float64 input in float32); float32 the
             training step's.
         squarings: repeated squarings in `top_eigenvector` (`2^squarings` power steps).
 
@@ -343,10 +350,10 @@ def jacobian_power_iteration(vjp, jvp, start, iterations=2, epsilon=1e-12):
 
     Johansson et al., "Improved Spectral Norm Regularization for Neural Networks" (arXiv 2206.13581): each
     round is one vector-Jacobian product `u = Jᵀ v` and one Jacobian-vector product `J u`, with `v ← J u / ||J u||`.
-    The rounds are held constant (`tf.stop_gradient`); the returned `σ² = ||vᵀ J||²` comes from one more,
+    The rounds are held constant (`stop_gradient`); the returned `σ² = ||vᵀ J||²` comes from one more,
     differentiable VJP, so its gradient flows through `J` only — exact at the fixed point, where
     `∂σ²/∂J = 2 v vᵀ J`. Unrolled in Python: a few fixed rounds compile faster and run faster than a
-    `tf.while_loop` under XLA (DESIGN.md §3).
+    `while_loop` under XLA (DESIGN.md §3).
 
     Args:
         vjp: maps `(B, C)` cotangents to `(B, …)` products `vᵀ J`.
@@ -429,8 +436,9 @@ def conv2d_operator_norm(kernel, u, strides=1, padding="same", dilations=1, iter
 
     Yoshida & Miyato (2017) bound a convolution by the spectral norm of its reshaped kernel matrix, which can
     under- or over-estimate the operator norm of the convolution itself (up to a factor `sqrt(k_h k_w)`). This
-    is the true operator norm: each round applies the convolution (`tf.nn.conv2d`) and its transpose
-    (`tf.nn.conv2d_transpose`, the exact adjoint, including padding and strides).
+    is the true operator norm: each round applies the convolution (`keras.ops.conv`) and its transpose (the
+    convolution's pullback with respect to its input, the exact adjoint, including padding and strides: what
+    `conv2d_transpose` computes).
 
     Args:
         kernel: `(k_h, k_w, C_in, C_out)`, channels-last (the Keras layout).

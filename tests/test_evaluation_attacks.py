@@ -3,10 +3,13 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
+from _testing import BACKEND
+from _testing import tensorflow_only
 from keras_wssi import evaluation
 from keras_wssi.evaluation import attacks as attacks_module
+from keras_wssi.evaluation import gradient_attacks
 
 
 def _tiny_model(activation=None, softmax_layer=False, seed=0):
@@ -70,10 +73,27 @@ def test_loss_only_where_cleverhans_takes_one():
 
 def test_settings_name_the_cleverhans_function():
     settings = evaluation.get_attack("pgd", nb_iter=20).settings()
-    assert settings["function"] == "cleverhans.tf2.attacks.projected_gradient_descent"
+    if BACKEND == "tensorflow":
+        assert settings["function"] == "cleverhans.tf2.attacks.projected_gradient_descent"
+    else:
+        assert settings["function"].startswith("cleverhans.jax.attacks.projected_gradient_descent")
+    assert settings["implementation"] == settings["function"] and settings["backend"] == BACKEND
     assert settings["library"] == "cleverhans"
     assert settings["eps_iter_over_eps"] == pytest.approx(2.5 / 20)
     assert evaluation.get_attack("square").settings()["library"] == "art"
+    # On JAX, what cleverhans.jax lacks (or gets wrong: its L2 step ignores ε) is keras_wssi's transcription.
+    for name in ("pgd_l2", "mim"):
+        implementation = evaluation.get_attack(name).settings()["implementation"]
+        assert implementation.startswith("cleverhans.tf2" if BACKEND == "tensorflow" else
+                                         "keras_wssi.evaluation.gradient_attacks.cleverhans_tf2_transcription")
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="JAX behaviour: ART wraps TensorFlow models only")
+@pytest.mark.parametrize("name,replacement", [("square", "square_compiled'"), ("square_l2", "square_compiled_l2"),
+                                              ("cw_l2", "fab_t_l2")])
+def test_art_attacks_on_jax_name_the_replacement(name, replacement):
+    with pytest.raises(evaluation.EvaluationError, match=f"Attack '{name}'.*no JAX implementation.*{replacement}"):
+        evaluation.AttackRunner(_tiny_model(), name, progress=False)
 
 
 def test_softmax_model_is_refused_with_a_clear_error():
@@ -91,7 +111,7 @@ def test_softmax_detected_numerically_for_subclassed_models():
             self.flatten = keras.layers.Flatten()
 
         def call(self, x, training=False):
-            return tf.nn.softmax(self.dense(self.flatten(x)))
+            return ops.softmax(self.dense(self.flatten(x)))
 
     x, _ = _data()
     with pytest.raises(evaluation.EvaluationError, match="outputs probabilities"):
@@ -105,8 +125,8 @@ def test_logit_recovery_is_exact_and_announced(softmax_layer):
     with pytest.warns(UserWarning, match="recovered exactly"):
         logits_fn, note = evaluation.logits_function(model, x, recover_logits=True)
     assert "exactly" in note
-    logits = logits_fn(tf.constant(x)).numpy()
-    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), model(x).numpy(), atol=1e-6)
+    logits = ops.convert_to_numpy(logits_fn(ops.convert_to_tensor(x)))
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.softmax(logits)), ops.convert_to_numpy(model(x)), atol=1e-6)
 
 
 def test_logit_model_passes_through():
@@ -114,18 +134,21 @@ def test_logit_model_passes_through():
     model = _tiny_model()
     logits_fn, note = evaluation.logits_function(model, x)
     assert note == ""
-    np.testing.assert_allclose(logits_fn(x).numpy(), model(x).numpy())
+    np.testing.assert_allclose(ops.convert_to_numpy(logits_fn(x)), ops.convert_to_numpy(model(x)))
 
 
 def test_keras_loss_adapted_to_cleverhans_call():
     loss_fn = attacks_module._adapt_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    labels = tf.constant([0, 2])
-    logits = tf.constant([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
-    expected = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
-    np.testing.assert_allclose(loss_fn(labels=labels, logits=logits).numpy(), expected.numpy(), rtol=1e-6)
+    labels = np.array([0, 2])
+    logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]], np.float32)
+    # Softmax cross-entropy, in float64 NumPy.
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    expected = np.mean(np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(2), labels])
+    labels, logits = ops.convert_to_tensor(labels), ops.convert_to_tensor(logits)
+    np.testing.assert_allclose(ops.convert_to_numpy(loss_fn(labels=labels, logits=logits)), expected, rtol=1e-6)
     by_name = attacks_module._adapt_loss("sparse_categorical_crossentropy")
     np.testing.assert_allclose(
-        np.mean(by_name(labels=labels, logits=logits).numpy()), expected.numpy(), rtol=1e-6
+        np.mean(ops.convert_to_numpy(by_name(labels=labels, logits=logits))), expected, rtol=1e-6
     )
     with pytest.raises(evaluation.EvaluationError, match="from_logits=False"):
         attacks_module._adapt_loss(keras.losses.SparseCategoricalCrossentropy())
@@ -136,14 +159,16 @@ def test_custom_loss_changes_the_attack():
     x, y = _data()
 
     def zero_loss(labels, logits):
-        return 0.0 * tf.reduce_sum(logits)
+        return 0.0 * ops.sum(logits)
 
     runner = evaluation.AttackRunner(_tiny_model(), evaluation.get_attack("fgsm", loss=zero_loss), progress=False)
     np.testing.assert_allclose(runner.generate(x, y, 0.3), x)
 
 
+@tensorflow_only("cleverhans.tf2's PGD random start (seeded_random_start patches cleverhans.tf2)")
 @pytest.mark.parametrize("norm", [np.inf, 2])
 def test_seeded_random_start_lies_in_the_ball_and_is_batch_independent(norm):
+    import tensorflow as tf
     from cleverhans.tf2.attacks import projected_gradient_descent as pgd_module
 
     shape = tf.constant([6, 4, 4, 1])
@@ -161,3 +186,21 @@ def test_seeded_random_start_lies_in_the_ball_and_is_batch_independent(norm):
     norms = np.abs(flat).max(axis=1) if norm == np.inf else np.linalg.norm(flat, axis=1)
     assert np.all(norms <= 0.3 + 1e-6)
     assert np.all(norms > 0.05)
+
+
+@pytest.mark.parametrize("norm", [np.inf, 2])
+def test_own_random_start_lies_in_the_ball_and_is_batch_independent(norm):
+    # The start of PGD/Madry on JAX (cleverhans.jax's and the transcription's), keyed by (key, restart, index).
+    x = np.zeros((6, 4, 4, 1), np.float32)
+
+    def draw(indices, restart):
+        return ops.convert_to_numpy(gradient_attacks._unit_ball_draw(x[: len(indices)], np.asarray(indices, np.int32),
+                                                                     123, restart, norm))
+
+    whole, tail, other_restart = draw(range(6), 0), draw(range(3, 6), 0), draw(range(6), 1)
+    np.testing.assert_array_equal(whole[3:], tail)
+    assert not np.allclose(whole, other_restart)
+    flat = whole.reshape(6, -1)
+    norms = np.abs(flat).max(axis=1) if norm == np.inf else np.linalg.norm(flat, axis=1)
+    assert np.all(norms <= 1.0 + 1e-6)
+    assert np.all(norms > 0.15)

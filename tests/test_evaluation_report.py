@@ -137,5 +137,11 @@ def test_robustbench_fields_in_the_json(tmp_path):
                                "robust_acc": 0.4, "ensemble_acc": None, "forward_passes": 3 * 2 * 41}
     (attack,) = fields["attacks"]
     assert attack["display_name"] == "PGD-40 ×2 restarts L∞" and attack["forward_passes_exact"] is True
+    # Which code produced the number, on which backend.
+    backend = keras.backend.backend()
+    assert content["backend"] == backend and attack["backend"] == backend
+    assert attack["implementation"].startswith(
+        "cleverhans.tf2.attacks.projected_gradient_descent" if backend == "tensorflow"
+        else "cleverhans.jax.attacks.projected_gradient_descent")
     with pytest.raises(evaluation.EvaluationError, match="norm must be"):
         report.set_threat_model("l1", 0.1)

@@ -3,15 +3,13 @@ norm balls and clip ranges, equality with direct cleverhans calls, seeds, noise 
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from cleverhans.tf2.attacks.basic_iterative_method import basic_iterative_method
-from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
-from cleverhans.tf2.attacks.madry_et_al import madry_et_al
-from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method
-from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
+from keras import ops
 
+from _testing import BACKEND
 from _testing import small_trained_mlp
+from _testing import tensorflow_only
 from keras_wssi import evaluation
+from keras_wssi.evaluation import gradient_attacks
 
 N = 200
 CLEVERHANS_ATTACKS = ["fgsm", "fgm_l2", "pgd", "pgd_l2", "bim", "mim", "madry"]
@@ -53,6 +51,7 @@ def test_zero_epsilon_gives_clean_accuracy(trained, name):
     assert curve["max_perturbation"] == [0.0]
 
 
+@tensorflow_only("ART's attacks wrap TensorFlow models")
 @pytest.mark.parametrize("name", ["square", "cw_l2"])
 def test_zero_epsilon_gives_clean_accuracy_for_art_attacks(trained, name):
     pytest.importorskip("art")
@@ -105,6 +104,7 @@ def test_perturbations_respect_the_norm_ball_and_clip_range(trained, name):
     assert np.abs(x_adv - x).max() > 0.0
 
 
+@tensorflow_only("ART's Square wraps TensorFlow models")
 def test_square_respects_the_ball(trained):
     pytest.importorskip("art")
     model, x, y = trained
@@ -116,6 +116,13 @@ def test_square_respects_the_ball(trained):
 
 def _direct_cleverhans(name, model, x, y, eps, nb_iter, seed, batch):
     """cleverhans's function called eagerly, batch by batch, as its documentation shows (true labels given)."""
+    import tensorflow as tf
+    from cleverhans.tf2.attacks.basic_iterative_method import basic_iterative_method
+    from cleverhans.tf2.attacks.fast_gradient_method import fast_gradient_method
+    from cleverhans.tf2.attacks.madry_et_al import madry_et_al
+    from cleverhans.tf2.attacks.momentum_iterative_method import momentum_iterative_method
+    from cleverhans.tf2.attacks.projected_gradient_descent import projected_gradient_descent
+
     outputs = []
     model_fn = lambda t: model(t, training=False)  # noqa: E731
     for start in range(0, len(x), batch):
@@ -126,10 +133,10 @@ def _direct_cleverhans(name, model, x, y, eps, nb_iter, seed, batch):
                 out = fast_gradient_method(model_fn, xb, eps, np.inf, y=yb, **clip)
             elif name == "fgm_l2":
                 out = fast_gradient_method(model_fn, xb, eps, 2, y=yb, **clip)
-            elif name in ("pgd", "pgd_l2"):
+            elif name in ("pgd", "pgd_l2", "pgd_l2_no_start"):
                 norm = np.inf if name == "pgd" else 2
                 out = projected_gradient_descent(model_fn, xb, eps, eps * 2.5 / nb_iter, nb_iter, norm, y=yb,
-                                                 rand_init=True, **clip)
+                                                 rand_init=name != "pgd_l2_no_start", **clip)
             elif name == "bim":
                 out = basic_iterative_method(model_fn, xb, eps, eps * 2.5 / nb_iter, nb_iter, np.inf, y=yb,
                                              sanity_checks=False, **clip)
@@ -143,6 +150,7 @@ def _direct_cleverhans(name, model, x, y, eps, nb_iter, seed, batch):
     return np.concatenate(outputs)
 
 
+@tensorflow_only("cleverhans.tf2 is the oracle (JAX: test_runner_matches_direct_cleverhans_jax_calls)")
 @pytest.mark.parametrize("name", CLEVERHANS_ATTACKS)
 def test_runner_matches_direct_cleverhans_calls(trained, name):
     model, x, y = trained
@@ -153,6 +161,53 @@ def test_runner_matches_direct_cleverhans_calls(trained, name):
     ours = evaluation.AttackRunner(model, attack, batch_size=128, seed=7, progress=False).generate(x, y, eps)
     reference = _direct_cleverhans(name, model, x, y, eps, nb_iter, seed=7, batch=50)
     np.testing.assert_allclose(ours, reference, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="cleverhans.jax runs on the JAX backend")
+@pytest.mark.parametrize("name", ["fgsm", "bim"])
+def test_runner_matches_direct_cleverhans_jax_calls(trained, name):
+    # cleverhans.jax's own functions called directly, batch by batch (deterministic attacks: no random start).
+    modules = gradient_attacks._cleverhans_jax()
+    model, x, y = trained
+    nb_iter, eps = 8, EPS["linf"]
+    ours = evaluation.AttackRunner(model, _attack(name, nb_iter=nb_iter), batch_size=128, progress=False)
+    ours = ours.generate(x, y, eps)
+    reference = []
+    for start in range(0, len(x), 50):
+        xb, yb = x[start:start + 50], np.eye(10, dtype=np.float32)[y[start:start + 50]]
+        model_fn = lambda t: model(t, training=False)  # noqa: E731
+        if name == "fgsm":
+            out = modules["fast_gradient_method"].fast_gradient_method(model_fn, xb, eps, np.inf, clip_min=0.0,
+                                                                        clip_max=1.0, y=yb)
+        else:
+            out = modules["projected_gradient_descent"].projected_gradient_descent(
+                model_fn, xb, eps, eps * 2.5 / nb_iter, nb_iter, np.inf, clip_min=0.0, clip_max=1.0, y=yb)
+        reference.append(ops.convert_to_numpy(out))
+    np.testing.assert_allclose(ours, np.concatenate(reference), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgm_l2", "bim", "mim", "pgd_l2"])
+def test_transcription_matches_cleverhans(trained, name):
+    # keras_wssi's keras.ops transcription of cleverhans.tf2 (what JAX runs where cleverhans.jax has no correct
+    # attack) against cleverhans itself on the same model: cleverhans.tf2 on TensorFlow, cleverhans.jax (L∞) on
+    # JAX. Deterministic settings (no random start), so the outputs must agree.
+    model, x, y = trained
+    x, y = x[:64], y[:64]
+    nb_iter = 5
+    attack = _attack(name, nb_iter=nb_iter, **({"rand_init": False} if name == "pgd_l2" else {}))
+    eps = EPS[attack.norm]
+    if BACKEND == "tensorflow":
+        reference = _direct_cleverhans(name if name != "pgd_l2" else "pgd_l2_no_start", model, x, y, eps, nb_iter,
+                                       seed=0, batch=64)
+    elif attack.norm == "linf" and name != "mim":
+        reference = evaluation.AttackRunner(model, attack, batch_size=64, progress=False).generate(x, y, eps)
+    else:
+        pytest.skip("cleverhans.jax has no correct L2 step and no MIM: the TensorFlow run checks these")
+    ours = gradient_attacks.cleverhans_tf2_transcription(
+        attack.method, lambda t: ops.cast(model(t, training=False), "float32"), x, y, eps, attack.ord,
+        np.arange(len(x), dtype=np.int32), 0, 0, nb_iter=nb_iter, eps_iter=eps * attack.eps_iter_ratio(),
+        rand_init=False, decay_factor=attack.decay_factor, clip_min=0.0, clip_max=1.0)
+    np.testing.assert_allclose(ops.convert_to_numpy(ours), reference, atol=1e-5)
 
 
 def test_seed_controls_random_starts(trained):

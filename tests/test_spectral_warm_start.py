@@ -4,7 +4,7 @@ state updated by training steps only, closer than a random start on a trained MN
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 import keras_wssi as kw
 from keras_wssi import penalties as P
@@ -21,16 +21,16 @@ def test_start_from_the_top_singular_vector_is_exact_and_unseen_classes_use_the_
     jacobian = brute_force_jacobian(model, x)[0]
     left, singular, _ = np.linalg.svd(jacobian)
     top = left[:, 0]
-    predicted = int(np.argmax(model(tf.constant(x)).numpy()))
+    predicted = int(np.argmax(ops.convert_to_numpy(model(x.astype(model.inputs[0].dtype)))))
 
     penalty = P.JacobianSpectralNorm(method="power_iteration", iterations=1, start="warm", seed=3)
     penalty.build(model)
     # Before any training step, each predicted class starts from its own fixed random unit vector.
-    logits = tf.constant(rng.normal(size=(8, 5)), tf.float32)
-    start = penalty._warm_start_vectors(logits).numpy()
+    logits = ops.convert_to_tensor(rng.normal(size=(8, 5)), "float32")
+    start = ops.convert_to_numpy(penalty._warm_start_vectors(logits))
     initial = penalty._warm_initial
     assert not np.any(penalty._warm_state.numpy())  # Nothing seen yet.
-    np.testing.assert_allclose(start, initial[np.argmax(logits.numpy(), axis=-1)])
+    np.testing.assert_allclose(start, initial[np.argmax(ops.convert_to_numpy(logits), axis=-1)])
     np.testing.assert_allclose(np.linalg.norm(initial, axis=-1), 1.0, rtol=1e-6)
     # Reproducible without a seed (runs and replicas agree), different with another seed.
     same, zero, other = (P.JacobianSpectralNorm(start="warm", seed=s) for s in (None, 0, 1))
@@ -49,8 +49,8 @@ def test_update_averages_sign_aligned_vectors_per_predicted_class():
     penalty = P.JacobianSpectralNorm(method="lanczos", iterations=1, start="warm", warm_decay=0.5)
     penalty.build(relu_mlp(hidden=(4,), classes=3))
     u = np.array([0.6, 0.8, 0.0], np.float32)
-    logits = tf.constant([[5.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 3.0, 0.0]])  # Predicted classes 0, 0, 1.
-    vectors = tf.constant([u, -u, [0.0, 0.0, 1.0]])  # The same direction with both signs, for class 0.
+    logits = ops.convert_to_tensor([[5.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 3.0, 0.0]])  # Predicted classes 0, 0, 1.
+    vectors = ops.convert_to_tensor(np.stack([u, -u, [0.0, 0.0, 1.0]]), "float32")  # ±u for class 0.
     penalty._update_warm_state(logits, vectors)
     state = penalty._warm_state.numpy()
     # First sighting: the signed class mean itself (±u, either sign), then a decayed blend.
@@ -58,7 +58,7 @@ def test_update_averages_sign_aligned_vectors_per_predicted_class():
     np.testing.assert_allclose(np.abs(state[1][2]), 1.0, rtol=1e-6)
     assert not np.any(state[2])  # Class 2 was never predicted: still unseen.
     w = np.array([0.0, 0.6, 0.8], np.float32)
-    penalty._update_warm_state(tf.constant([[5.0, 0.0, 0.0]]), tf.constant([w]))
+    penalty._update_warm_state(ops.convert_to_tensor([[5.0, 0.0, 0.0]]), ops.convert_to_tensor([w]))
     blended = 0.5 * state[0] + 0.5 * w * np.sign(state[0] @ w)
     np.testing.assert_allclose(penalty._warm_state.numpy()[0], blended / np.linalg.norm(blended), rtol=1e-5)
     assert not np.any(penalty._warm_state.numpy()[2])

@@ -1,11 +1,14 @@
 """Accuracy under random and adversarial weight perturbations: restoration, consistency with the certificate."""
 
+import contextlib
+
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 import keras_wssi as kw
+from _testing import BACKEND
 from keras_wssi.analysis import weight_perturbation as wp
 from keras_wssi.evaluation.weight_perturbation import evaluate_weight_perturbations
 from keras_wssi.evaluation.weight_perturbation import project_to_ball
@@ -81,28 +84,44 @@ def test_cnn_models_are_supported():
     assert _snapshot(model) == before
 
 
+def _float64():
+    """Float64 arithmetic for these float64 inputs: JAX needs x64 enabled for it (scoped to this block)."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.enable_x64(True)
+    return contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("norm", ["inf", "1", "2"])
 def test_projection_and_steepest_ascent(norm):
+    with _float64():
+        _check_projection_and_steepest_ascent(norm)
+
+
+def _check_projection_and_steepest_ascent(norm):
     rng = np.random.default_rng(1)
-    matrices = tf.constant(rng.normal(size=(4, 5, 3)))
-    projected = project_to_ball(matrices, 0.5, norm).numpy()
+    matrices = ops.convert_to_tensor(rng.normal(size=(4, 5, 3)))
+    assert keras.backend.standardize_dtype(matrices.dtype) == "float64"
+    projected = ops.convert_to_numpy(project_to_ball(matrices, 0.5, norm))
     norms = [float(wp.operator_norm(m, norm)) for m in projected]
     np.testing.assert_allclose(norms, 0.5, rtol=1e-5)
-    np.testing.assert_allclose(project_to_ball(projected, 0.5, norm).numpy(), projected, atol=1e-12)  # idempotent
+    np.testing.assert_allclose(ops.convert_to_numpy(project_to_ball(projected, 0.5, norm)), projected, atol=1e-12)  # idempotent
     inside = matrices * 1e-3
-    np.testing.assert_allclose(project_to_ball(inside, 0.5, norm).numpy(), inside.numpy(), atol=1e-15)
+    np.testing.assert_allclose(ops.convert_to_numpy(project_to_ball(inside, 0.5, norm)), ops.convert_to_numpy(inside), atol=1e-15)
+    matrices = ops.convert_to_numpy(matrices)
     # Projection: no point of the ball (random ones) is closer than the projection.
     for _ in range(50):
-        candidate = project_to_ball(tf.constant(rng.normal(size=(4, 5, 3))), 0.5, norm).numpy()
-        assert np.all(((candidate - matrices.numpy()) ** 2).sum((1, 2)) >= ((projected - matrices.numpy()) ** 2).sum((1, 2)) - 1e-9)
-    vertex = steepest_ascent_vertex(matrices, 0.5, norm).numpy()
-    value = (vertex * matrices.numpy()).sum((1, 2))
-    m = np.abs(matrices.numpy())
+        candidate = ops.convert_to_numpy(project_to_ball(ops.convert_to_tensor(rng.normal(size=(4, 5, 3))), 0.5, norm))
+        assert np.all(((candidate - matrices) ** 2).sum((1, 2)) >= ((projected - matrices) ** 2).sum((1, 2)) - 1e-9)
+    vertex = ops.convert_to_numpy(steepest_ascent_vertex(matrices, 0.5, norm))
+    value = (vertex * matrices).sum((1, 2))
+    m = np.abs(matrices)
     # max over the ball of ⟨G, Δ⟩ is radius × the dual norm of G.
     dual = {
         "inf": m.max(axis=1).sum(axis=1),  # Σ over output units of the largest |entry| of its column
         "1": m.max(axis=2).sum(axis=1),
-        "2": np.linalg.svd(matrices.numpy(), compute_uv=False).sum(axis=1),  # nuclear norm
+        "2": np.linalg.svd(matrices, compute_uv=False).sum(axis=1),  # nuclear norm
     }[norm]
     np.testing.assert_allclose(value, 0.5 * dual, rtol=1e-6)
 

@@ -11,15 +11,21 @@ Guo, Chen, Chen & Zhang, "On Connections between Regularizations for Improving D
 
 All four are weighted norms of `P J`. The functions here compute each side numerically (float64 NumPy from the
 model's Jacobian), and `jacobian_penalty_report` puts every penalty of the family side by side on one batch.
+The Jacobian and the loss gradients come from the active Keras backend in the model's dtype (on JAX, float64
+models and inputs need `jax_enable_x64`; without it they compute in float32); everything after is NumPy float64.
 """
 
+import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from keras_wssi import backend
 from keras_wssi import labels as labels_module
 from keras_wssi import linalg
 from keras_wssi import structure
 from keras_wssi import validation
+from keras_wssi.analysis._compute import compiled
+from keras_wssi.analysis._compute import unique_variables
 from keras_wssi.context import PenaltyContext
 
 __all__ = [
@@ -55,11 +61,14 @@ def input_jacobian(model, x, batch_size=128, training=False):
         raise TypeError(f"x must be floating point to be differentiated, got dtype {x.dtype}.")
     batch_size = validation.positive_int(batch_size, "batch_size")
 
-    @tf.function(reduce_retracing=True)
     def jacobian_of(batch):
         return linalg.per_example_jacobian(lambda t: model(t, training=training), batch)
 
-    parts = [jacobian_of(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
+    jacobian_of = compiled(jacobian_of, model.variables)
+    parts = [
+        ops.convert_to_numpy(jacobian_of(ops.convert_to_tensor(x[i : i + batch_size])))
+        for i in range(0, len(x), batch_size)
+    ]
     result = np.concatenate(parts, axis=0).astype(np.float64)
     if result.ndim < 3:
         raise ValueError(f"The model must return logits (batch, C); the Jacobian has shape {result.shape}.")
@@ -84,20 +93,27 @@ def _softmax(logits):
 
 def _autodiff_loss_gradient_and_hvp(model, x, labels, directions):
     """`∇_x ℓ` and `∇²_x ℓ · d` by plain autodiff of the per-example cross-entropy (the brute-force side)."""
-    x = tf.constant(x)
-    directions = tf.constant(directions, dtype=x.dtype)
-    with tf.GradientTape() as outer:
-        outer.watch(x)
-        with tf.GradientTape() as inner:
-            inner.watch(x)
-            logits = model(x, training=False)
-            loss = tf.reduce_sum(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.constant(labels, tf.int32), logits=logits)
-            )
-        gradient = inner.gradient(loss, x)
-        along = tf.reduce_sum(gradient * directions)
-    hessian_vector = outer.gradient(along, x)
-    return logits.numpy().astype(np.float64), gradient.numpy().astype(np.float64), hessian_vector.numpy().astype(np.float64)
+    x = ops.convert_to_tensor(x)
+    directions = ops.convert_to_tensor(directions, dtype=keras.backend.standardize_dtype(x.dtype))
+    labels = ops.convert_to_tensor(labels, "int32")
+
+    def loss(t):
+        logits = model(t, training=False)
+        return ops.sum(ops.sparse_categorical_crossentropy(labels, logits, from_logits=True))
+
+    def loss_gradient(t):
+        (gradient,) = backend.grad(loss, t)
+        return gradient
+
+    # Double backprop: the pullback of ∇_x ℓ along `directions` is ∇²_x ℓ · d (the Hessian is symmetric).
+    gradient, pullback = backend.vjp(loss_gradient, x)
+    (hessian_vector,) = pullback(directions)
+    logits = model(x, training=False)
+
+    def numpy64(t):
+        return np.asarray(ops.convert_to_numpy(t)).astype(np.float64)
+
+    return numpy64(logits), numpy64(gradient), numpy64(hessian_vector)
 
 
 def jacobian_identities(model, x, y, directions=None):
@@ -163,7 +179,8 @@ def layerwise_spectral_norms(model, iterations=50):
             kind = weight_layer.kind
             if kind == "separable_conv":
                 kind = "depthwise_conv" if index == 0 else "dense"
-            matrices = linalg.kernel_matrices(tf.cast(kernel, tf.float64), kind).numpy()
+            # Reshaping is exact in any dtype; the SVD runs in float64 NumPy.
+            matrices = np.asarray(ops.convert_to_numpy(linalg.kernel_matrices(kernel, kind)), np.float64)
             key = weight_layer.name if len(weight_layer.kernels) == 1 else f"{weight_layer.name}/{index}"
             result[key] = float(max(np.linalg.norm(m, ord=2) for m in matrices))
     return result
@@ -244,22 +261,27 @@ def jacobian_spectral_norm_estimates(model, x, y, penalty, batch_size=128, warm_
         penalty.build(model)
     warm = getattr(penalty, "start", None) == "warm"
 
-    @tf.function(reduce_retracing=True)
-    def estimate(batch, labels):
-        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-            tape.watch(batch)
-            logits = model(batch, training=False)
-        # `training` of the context only decides whether a warm start's state is updated.
-        context = PenaltyContext(model, batch, labels, None, logits, warm, input_tape=tape)
-        return penalty.sigma_squared(context)
+    state = list(penalty.variables)
 
+    def estimate(batch, labels):
+        batch, logits, input_jacobian = backend.forward_with_input_jacobian(model, batch, training=False)
+        # `training` of the context only decides whether a warm start's state is updated.
+        context = PenaltyContext(model, batch, labels, None, logits, warm, input_jacobian=input_jacobian)
+        # The penalty's state after the batch is returned and assigned below: a compiled JAX function's variable
+        # updates are discarded (on TensorFlow the assignment repeats the one made inside).
+        return penalty.sigma_squared(context), [v.value for v in state]
+
+    estimate = compiled(estimate, unique_variables(model.variables, state))
     y = np.asarray(y)
 
+    def one_batch(i):
+        sigma_squared, values = estimate(ops.convert_to_tensor(x[i : i + batch_size]), ops.convert_to_tensor(y[i : i + batch_size]))
+        for variable, value in zip(state, values):
+            variable.assign(value)
+        return ops.convert_to_numpy(sigma_squared)
+
     def one_pass():
-        return np.concatenate(
-            [estimate(tf.constant(x[i : i + batch_size]), tf.constant(y[i : i + batch_size])).numpy()
-             for i in range(0, len(x), batch_size)]
-        )
+        return np.concatenate([one_batch(i) for i in range(0, len(x), batch_size)])
 
     if warm and warm_up:
         one_pass()

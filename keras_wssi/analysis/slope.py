@@ -12,14 +12,21 @@ activation masks at `x`); the object of study is its distribution over a fixed s
 
 Ranking data sets by complexity trains reference networks, so it lives above analysis, in
 `keras_wssi.experiments.dataset_complexity`.
+
+Precision: the Jacobian is float32 (the model's own computation); its top singular value is then solved in
+float64 on TensorFlow (and on JAX with `jax_enable_x64`). On JAX by default (no float64) that last step runs in
+float32: the slope is then accurate to about 1e-6 relative instead of float64 round-off (the Jacobian's float32
+error dominates either way).
 """
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import linalg
 from keras_wssi import structure
 from keras_wssi import validation
+from keras_wssi.analysis._compute import compiled
+from keras_wssi.analysis._compute import precise_dtype
 from keras_wssi.structure import dense_chain
 
 __all__ = [
@@ -31,7 +38,8 @@ __all__ = [
 ]
 
 METHODS = ("auto", "exact", "jacobian")
-# 2^20 power steps in `top_eigenvector`: float64-exact unless the top two singular values agree to ~1e-6.
+# 2^20 power steps in `top_eigenvector`: exact to the dtype's round-off unless the top two singular values agree
+# to ~1e-6.
 _SQUARINGS = 20
 
 
@@ -43,13 +51,15 @@ def local_jacobian(chain, x):
 
 
 def spectral_norm_from_jacobian(jacobian):
-    """`σ_max` of each `(C, d)` Jacobian in a batch (float64 NumPy; `keras_wssi.linalg.spectral_norm_squared`)."""
-    _, sigma_squared = linalg.spectral_norm_squared(tf.constant(np.asarray(jacobian, np.float64)), squarings=_SQUARINGS)
-    return np.sqrt(np.maximum(sigma_squared.numpy(), 0.0))
+    """`σ_max` of each `(C, d)` Jacobian in a batch (float64 NumPy; `keras_wssi.linalg.spectral_norm_squared`, solved
+    in float64, or float32 on JAX without `jax_enable_x64`)."""
+    jacobian = ops.convert_to_tensor(np.asarray(jacobian, precise_dtype()))
+    _, sigma_squared = linalg.spectral_norm_squared(jacobian, squarings=_SQUARINGS)
+    return np.sqrt(np.maximum(np.asarray(ops.convert_to_numpy(sigma_squared), np.float64), 0.0))
 
 
 def _per_example_jacobian(model, x):
-    return linalg.per_example_jacobian(lambda t: tf.cast(model(t, training=False), tf.float32), x)
+    return linalg.per_example_jacobian(lambda t: ops.cast(model(t, training=False), "float32"), x)
 
 
 def _resolve_method(model, method):
@@ -68,6 +78,9 @@ def _resolve_method(model, method):
 
 def slope(model, x, batch_size=256, method="auto"):
     """Per-example slope `σ_max(∂logits/∂x)` (Johansson et al. 2021) as a NumPy array `(N,)`.
+
+    On TensorFlow the top singular value is solved in float64; on JAX without `jax_enable_x64` in float32
+    (about 1e-6 relative; see the module docstring).
 
     Args:
         model: a Keras model mapping inputs to logits (inference mode is used).
@@ -88,16 +101,20 @@ def slope(model, x, batch_size=256, method="auto"):
         raise TypeError(f"x must be floating point (the slope differentiates with respect to it), got {x.dtype}.")
     batch_size = validation.positive_int(batch_size, "batch_size")
 
-    @tf.function(reduce_retracing=True)
+    dtype = precise_dtype()
+
     def sigma_squared_batch(xb):
         jacobian = local_jacobian(chain, xb) if method == "exact" else _per_example_jacobian(model, xb)
-        # float64 from the Jacobian on: the analysis reports σ_max to float64 accuracy.
-        _, sigma_squared = linalg.spectral_norm_squared(tf.cast(jacobian, tf.float64), squarings=_SQUARINGS)
+        # float64 from the Jacobian on: the analysis reports σ_max to float64 accuracy (float32 on JAX without x64).
+        _, sigma_squared = linalg.spectral_norm_squared(ops.cast(jacobian, dtype), squarings=_SQUARINGS)
         return sigma_squared
 
+    # The current weights are read on every call (on JAX anything else would be a constant of the trace).
+    sigma_squared_batch = compiled(sigma_squared_batch, model.variables)
     values = []
     for start in range(0, len(x), batch_size):
-        sigma_squared = sigma_squared_batch(tf.convert_to_tensor(x[start : start + batch_size], tf.float32)).numpy()
+        batch = ops.convert_to_tensor(np.asarray(x[start : start + batch_size], np.float32))
+        sigma_squared = np.asarray(ops.convert_to_numpy(sigma_squared_batch(batch)), np.float64)
         values.append(np.sqrt(np.maximum(sigma_squared, 0.0)))
     return np.concatenate(values) if values else np.zeros([0])
 

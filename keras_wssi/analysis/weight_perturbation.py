@@ -20,15 +20,20 @@ docs/weight_perturbation_and_slope.md §1 and §1b):
 
 The returned bound of each mode is the minimum of the sound bounds it computes, so
 `linear ≤ interval ≤ activation ≤ norm` element-wise.
+
+Precision: the certificates compute in float64 (so that rounding cannot break them) on TensorFlow and on JAX with
+`jax_enable_x64`; on JAX by default (no float64) in float32, where a margin within ~1e-6 relative of its bound
+may be certified by rounding.
 """
 
 import math
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from keras_wssi import margin_bounds
 from keras_wssi import structure
+from keras_wssi.analysis._compute import precise_dtype
 from keras_wssi.margin_bounds import MODES
 from keras_wssi.margin_bounds import NORMS
 from keras_wssi.margin_bounds import operator_norm
@@ -64,7 +69,7 @@ _labels_vector = margin_bounds.labels_vector
 
 
 def _margins(logits, labels):
-    return margin_bounds.margins(tf.cast(logits, tf.float32), labels)
+    return margin_bounds.margins(ops.cast(logits, "float32"), labels)
 
 
 def layer_radii(chain, epsilon, layers=None, relative=False, norm="inf", argument="epsilon"):
@@ -94,8 +99,8 @@ def margin_change_bounds(chain, x, labels, radii, norm="inf", mode="norm", kerne
         return margin_bounds.activation_norm_bounds(chain, x, labels, radii, norm, mode, kernels)
     if not isinstance(chain, structure.FeedForwardChain):
         raise TypeError(f"mode={mode!r} needs a FeedForwardChain (keras_wssi.structure.feedforward_chain), got {type(chain).__name__}.")
-    result = margin_bounds.bound_margins(chain, x, labels, radii, norm, mode, kernels=kernels, dtype=tf.float32)
-    return tf.nn.relu(result["margins"] - result["lower"])
+    result = margin_bounds.bound_margins(chain, x, labels, radii, norm, mode, kernels=kernels, dtype="float32")
+    return ops.relu(result["margins"] - result["lower"])
 
 
 class _Certifier:
@@ -120,32 +125,43 @@ class _Certifier:
 
     def bounds(self, x, y, scale=None):
         """`(margins, lower)` NumPy arrays `(B, C)`: the clean margins and lower bounds of the perturbed ones."""
-        x = tf.convert_to_tensor(x, tf.float32)
-        y = tf.convert_to_tensor(y, tf.int32)
+        labels = np.asarray(y)
+        x = ops.convert_to_tensor(np.asarray(x, np.float32))
+        y = ops.convert_to_tensor(labels, "int32")
+        dtype = precise_dtype()  # float64, or float32 on JAX without x64 (module docstring).
+        if scale is not None:
+            scale = ops.convert_to_tensor(np.asarray(scale, dtype))
         if self.mode in ("norm", "activation"):
-            logits = tf.cast(self.model(x, training=False), tf.float64)
+            logits = ops.cast(self.model(x, training=False), dtype)
             clean = margin_bounds.margins(logits, y)
-            drop = margin_bounds.activation_norm_bounds(self.dense, x, y, self.radii, self.norm, self.mode, scale=scale, dtype=tf.float64)
-            lower = (clean - drop).numpy()
-            return clean.numpy(), np.where(np.isnan(lower), -np.inf, lower)
-        result = margin_bounds.bound_margins(self.chain, x, y, self.radii, self.norm, self.mode, scale=scale, dense=self.dense)
+            drop = margin_bounds.activation_norm_bounds(self.dense, x, y, self.radii, self.norm, self.mode, scale=scale, dtype=dtype)
+            lower = _numpy64(clean - drop)
+            return _numpy64(clean), np.where(np.isnan(lower), -np.inf, lower)
+        result = margin_bounds.bound_margins(
+            self.chain, x, y, self.radii, self.norm, self.mode, scale=scale, dense=self.dense, dtype=dtype
+        )
         # A NaN can only come from ∞ − ∞ at astronomically large radii: the bound is then vacuous (−∞).
-        lower = tf.where(tf.math.is_nan(result["lower"]), tf.constant(-np.inf, tf.float64), result["lower"])
-        logits = self.model(x, training=False)
-        reference = float(tf.reduce_max(tf.abs(logits)))
-        error = float(tf.reduce_max(tf.abs(tf.cast(logits, tf.float64) - result["logits"])))
+        lower = _numpy64(result["lower"])
+        lower = np.where(np.isnan(lower), -np.inf, lower)
+        logits = _numpy64(self.model(x, training=False))
+        reference = float(np.max(np.abs(logits)))
+        error = float(np.max(np.abs(logits - _numpy64(result["logits"]))))
         if error > 1e-3 * (1.0 + reference):
             raise structure.StructureError(
                 f"The chain read from model {self.model.name!r} does not reproduce its logits (difference {error:.3g}); "
                 "a layer is used in a way the certificate does not model."
             )
-        lower = lower * (1.0 - tf.one_hot(y, self.num_classes, dtype=tf.float64))  # Column y stays 0.
-        return result["margins"].numpy(), np.nan_to_num(lower.numpy(), nan=0.0, posinf=np.inf, neginf=-np.inf)
+        lower = np.where(np.eye(self.num_classes, dtype=bool)[labels], 0.0, lower)  # Column y stays 0.
+        return _numpy64(result["margins"]), np.nan_to_num(lower, nan=0.0, posinf=np.inf, neginf=-np.inf)
+
+
+def _numpy64(t):
+    return np.asarray(ops.convert_to_numpy(t)).astype(np.float64)
 
 
 def _batches(x, y, batch_size, num_classes):
     x = np.asarray(x)
-    y = _labels_vector(y, num_classes).numpy()
+    y = np.asarray(ops.convert_to_numpy(_labels_vector(y, num_classes)))
     if len(x) == 0:
         raise ValueError("x must hold at least one example.")
     if not np.all(np.isfinite(x)):

@@ -4,7 +4,9 @@
 intervals and Welch's test over seeds.
 
 Gradient attacks are cleverhans's own `tf2` functions run batched and compiled (`AttackRunner`); CW-L2 and
-the gradient-free Square attack come from the Adversarial Robustness Toolbox (optional extra). keras_wssi's own
+the gradient-free Square attack come from the Adversarial Robustness Toolbox (optional extra). On the JAX backend
+the gradient attacks are cleverhans.jax's or keras_wssi's keras.ops transcription of cleverhans.tf2
+(`gradient_attacks`), ART's are refused with a replacement named, and every result records its `implementation`. keras_wssi's own
 compiled APGD-CE, APGD-T, FAB-T and Square (`compiled_attacks`) make up the AutoAttack-style ensemble
 (`autoattack`). Curves of every family go into one `Report` (JSON, Markdown, PNG). `weight_perturbation` is
 imported on demand.

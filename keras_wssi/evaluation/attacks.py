@@ -17,6 +17,10 @@ cleverhans 4.0.0's `carlini_wagner_l2` and `spsa` do not run on Keras 3 (Keras-2
 `"cw_l2"` (Carlini & Wagner L2) and `"square"` / `"square_l2"` (Square attack, gradient-free) come from the
 Adversarial Robustness Toolbox (`pip install "keras_wssi[attacks]"`), imported lazily.
 
+On the JAX backend the cleverhans attacks run through `gradient_attacks` (cleverhans.jax where it computes the
+attack as cleverhans.tf2 does, else keras_wssi's keras.ops transcription of cleverhans.tf2), and the ART attacks
+are refused with the compiled replacement named; `Attack.settings()` records the `implementation` and `backend`.
+
 The attacks of the AutoAttack-style ensemble are keras_wssi's own (`library == "keras_wssi"`, computed by
 `keras_wssi/evaluation/compiled_attacks.py`): `"apgd_ce"`, `"apgd_dlr"`, `"apgd_t"`, `"fab_t"` (each also
 `"…_l2"`) and `"square_compiled"` (and `"square_compiled_l2"`).
@@ -27,6 +31,7 @@ import dataclasses
 import math
 import threading
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -47,6 +52,61 @@ __all__ = [
 
 class EvaluationError(ValueError):
     """Raised when a model, data set or setting cannot be evaluated as asked."""
+
+
+
+_TF2 = {
+    "fgm": "cleverhans.tf2.attacks.fast_gradient_method",
+    "pgd": "cleverhans.tf2.attacks.projected_gradient_descent",
+    "bim": "cleverhans.tf2.attacks.basic_iterative_method",
+    "mim": "cleverhans.tf2.attacks.momentum_iterative_method",
+    "madry": "cleverhans.tf2.attacks.madry_et_al",
+}
+_JAX = {
+    "fgm": "cleverhans.jax.attacks.fast_gradient_method",
+    "pgd": "cleverhans.jax.attacks.projected_gradient_descent (its loop body in a fori_loop)",
+    "bim": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=False; its loop body in a fori_loop)",
+    "madry": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=True; its loop body in a fori_loop)",
+}
+_TRANSCRIPTION = "keras_wssi.evaluation.gradient_attacks.cleverhans_tf2_transcription"
+
+# ART attack → keras_wssi's compiled replacement on JAX.
+_ART_REPLACEMENTS = {
+    "cw_l2": "'fab_t_l2' (minimal-L2 FAB-T) or 'apgd_ce_l2'",
+    "square": "'square_compiled' (keras_wssi's compiled Square attack)",
+}
+
+
+def uses_cleverhans_jax(attack):
+    """Whether `attack` runs cleverhans.jax's own function on JAX (L∞ FGM/PGD/BIM/Madry without a custom loss)."""
+    return attack.method in _JAX and attack.norm == "linf" and attack.loss is None
+
+
+def implementation(attack):
+    """The code that computes `attack`'s adversarial examples on the active backend (what reports record)."""
+    if attack.library == "keras_wssi":
+        return "keras_wssi.evaluation.compiled_attacks"
+    if attack.library == "art":
+        return ("art.attacks.evasion.CarliniL2Method" if attack.method == "cw_l2"
+                else "art.attacks.evasion.SquareAttack")
+    if backend.BACKEND == "tensorflow":
+        return _TF2[attack.method]
+    if uses_cleverhans_jax(attack):
+        return _JAX[attack.method]
+    return f"{_TRANSCRIPTION} (of {_TF2[attack.method]})"
+
+
+def check_backend(attack):
+    """Raises a clear `EvaluationError` when `attack` has no implementation on the active backend."""
+    if backend.BACKEND == "tensorflow" or attack.library != "art":
+        return
+    replacement = _ART_REPLACEMENTS[attack.method]
+    if attack.method == "square" and attack.norm == "l2":
+        replacement = "'square_compiled_l2' (keras_wssi's compiled Square attack)"
+    raise EvaluationError(
+        f"Attack {attack.name!r} ({implementation(attack)}) has no JAX implementation: the Adversarial Robustness "
+        f"Toolbox wraps TensorFlow models only. On JAX use {replacement}, or run with KERAS_BACKEND=tensorflow."
+    )
 
 
 _NORMS = {"linf": np.inf, "l2": 2}
@@ -111,8 +171,6 @@ class Attack:
 
     def settings(self):
         """The settings as JSON-ready values (what the report records)."""
-        from keras_wssi.evaluation.gradient_attacks import implementation
-
         settings = {
             "name": self.name,
             "method": self.method,
@@ -500,7 +558,7 @@ def logits_function(model, sample=None, recover_logits=False):
     if not probabilities and sample is not None and len(sample):
         probabilities = _looks_like_probabilities(model(sample[:64], training=False))
     if not probabilities:
-        return (lambda x: model(x, training=False)), ""
+        return _model_logits(model), ""
     if not recover_logits:
         raise EvaluationError(
             f"Model {model.name!r} outputs probabilities (softmax), but attacks need logits: cleverhans's loss is "
@@ -518,6 +576,28 @@ def logits_function(model, sample=None, recover_logits=False):
 
     warnings.warn(f"Model {model.name!r} outputs probabilities; {note}.", stacklevel=2)
     return recovered, note
+
+
+_LOGITS = weakref.WeakKeyDictionary()
+
+
+def _model_logits(model):
+    """`x -> model(x, training=False)`, one function per model (compiled attacks are kept with it, so every runner
+    of the model reuses them); it holds the model weakly."""
+    try:
+        return _LOGITS[model]
+    except (KeyError, TypeError):
+        pass
+    reference = weakref.ref(model)
+
+    def logits(x):
+        return reference()(x, training=False)
+
+    try:
+        _LOGITS[model] = logits
+    except TypeError:
+        pass
+    return logits
 
 
 def _pre_softmax_function(model):

@@ -437,6 +437,16 @@ def apgd_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="li
 # FAB-T.
 
 
+def _repeat(count, step, state):
+    """`state ← step(state)`, `count` times: unrolled on TensorFlow (faster than a nested graph loop), an
+    `ops.fori_loop` on JAX (XLA compiles a small loop much faster than a long unrolled body). Same arithmetic."""
+    if backend.BACKEND == "tensorflow":
+        for _ in range(count):
+            state = step(state)
+        return state
+    return ops.fori_loop(0, count, lambda _, value: step(value), state)
+
+
 def _hyperplane_step(point, w, c, norm, clip_min, clip_max, iterations=40):
     """The smallest step `d` (L∞ or L2) with `w·d = c` and `point + d` inside the box (as close as possible if
     the box does not reach the hyperplane). `point`, `w`: `(batch, D)`; `c`: `(batch,)`."""
@@ -447,14 +457,15 @@ def _hyperplane_step(point, w, c, norm, clip_min, clip_max, iterations=40):
         room = ops.where(direction > 0, clip_max - point, point - clip_min)
         room = ops.where(direction == 0, 0.0, ops.maximum(room, 0.0))
         weight = ops.abs(w)
-        low = ops.zeros_like(target)
-        high = ops.max(room, axis=1)
         reach = ops.sum(weight * room, axis=1)
-        for _ in range(iterations):
+
+        def halve(bounds):
+            low, high = bounds
             middle = 0.5 * (low + high)
             enough = ops.sum(weight * ops.minimum(middle[:, None], room), axis=1) >= target
-            high = ops.where(enough, middle, high)
-            low = ops.where(enough, low, middle)
+            return ops.where(enough, low, middle), ops.where(enough, middle, high)
+
+        _, high = _repeat(iterations, halve, (ops.zeros_like(target), ops.max(room, axis=1)))
         high = ops.where(reach >= target, high, ops.max(room, axis=1))
         return direction * ops.minimum(high[:, None], room)
     lower, upper = clip_min - point, clip_max - point
@@ -466,11 +477,13 @@ def _hyperplane_step(point, w, c, norm, clip_min, clip_max, iterations=40):
         lam = ops.exp(log_lambda) * sign_c
         return ops.clip(lam[:, None] * w, lower, upper)
 
-    for _ in range(iterations + 20):
+    def halve(bounds):
+        log_low, log_high = bounds
         middle = 0.5 * (log_low + log_high)
         enough = ops.abs(ops.sum(w * step_for(middle), axis=1)) >= target
-        log_high = ops.where(enough, middle, log_high)
-        log_low = ops.where(enough, log_low, middle)
+        return ops.where(enough, log_low, middle), ops.where(enough, middle, log_high)
+
+    _, log_high = _repeat(iterations + 20, halve, (log_low, log_high))
     return step_for(log_high)
 
 
@@ -771,6 +784,24 @@ def compile_function(fn, variables=(), jit_compile=False):
     return backend.function(fn, variables=variables, jit_compile=bool(jit_compile) or backend.BACKEND == "jax")
 
 
+def cached(owner, key, build):
+    """`build()`, kept on `owner` (e.g. a logits function) under `key`, so the compiled function (and, on JAX, its
+    compiled programs) is reused by every runner of the same model; unhashable keys build afresh."""
+    cache = getattr(owner, "_keras_wssi_compiled", None)
+    if cache is None:
+        cache = {}
+        try:
+            owner._keras_wssi_compiled = cache
+        except (AttributeError, TypeError):
+            return build()
+    try:
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
+    except TypeError:
+        return build()
+
+
 def make_kernel(logits_fn, example_shape, family, n_iter, norm, jit_compile=False, clip_min=0.0, clip_max=1.0,
                 variables=(), **options):
     """Compiles one attack kernel (`keras_wssi.backend.function`); the batch dimension is free.
@@ -813,6 +844,9 @@ def make_kernel(logits_fn, example_shape, family, n_iter, norm, jit_compile=Fals
 
 
 def _bucket(count, batch_size):
+    """The padded size of a call on `count` examples: the next of 32, 64, 128, … (at most `batch_size`) on
+    TensorFlow, which relaxes its trace to a free batch dimension; on JAX, where every new size is a new XLA
+    program, the size of the run's first call (see `run_attack`)."""
     size = 32
     while size < count:
         size *= 2
@@ -857,6 +891,8 @@ def run_attack(kernel, images, labels, eps, active, runs, batch_size, on_chunk=N
         robust = np.asarray(resume[1], bool).copy()
         forwards = np.asarray(resume[2], np.int64).copy()
     positions_all = np.flatnonzero(active)
+    # JAX compiles one program per batch size: every call of this run is padded to one size.
+    fixed_size = _bucket(min(len(positions_all), batch_size), batch_size) if backend.BACKEND == "jax" else None
     for chunk, start in enumerate(range(0, len(positions_all), batch_size)):
         positions = positions_all[start:start + batch_size]
         if chunk in done:
@@ -865,7 +901,7 @@ def run_attack(kernel, images, labels, eps, active, runs, batch_size, on_chunk=N
             remaining = positions[robust[positions]]
             if not len(remaining):
                 break
-            size = _bucket(len(remaining), batch_size)
+            size = fixed_size or _bucket(len(remaining), batch_size)
             padded = np.concatenate([remaining, np.repeat(remaining[-1:], size - len(remaining))])
             x_out, correct, spent = kernel(
                 ops.convert_to_tensor(images[padded]), ops.convert_to_tensor(labels[padded]),
@@ -913,9 +949,11 @@ def attack_kernel(attack, logits_fn, example_shape, jit_compile=False, clip_min=
     options.update(settings)
     if family == "square":
         square_image_shape(example_shape)
-    return make_kernel(logits_fn, tuple(example_shape), family, int(attack.nb_iter), attack.norm,
-                       jit_compile=jit_compile, clip_min=float(clip_min), clip_max=float(clip_max),
-                       variables=variables, **options)
+    key = ("kernel", family, int(attack.nb_iter), attack.norm, tuple(example_shape), bool(jit_compile),
+           float(clip_min), float(clip_max), tuple(sorted(options.items())), tuple(id(v) for v in variables))
+    return cached(logits_fn, key, lambda: make_kernel(
+        logits_fn, tuple(example_shape), family, int(attack.nb_iter), attack.norm, jit_compile=jit_compile,
+        clip_min=float(clip_min), clip_max=float(clip_max), variables=variables, **options))
 
 
 def attack_runs(attack, seed, num_classes):

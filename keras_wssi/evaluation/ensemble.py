@@ -25,7 +25,6 @@ import numpy as np
 from keras_wssi.evaluation import attacks as attacks_module
 from keras_wssi import backend
 from keras_wssi.evaluation import compiled_attacks
-from keras_wssi.evaluation import gradient_attacks
 from keras_wssi.evaluation.attacks import EvaluationError
 from keras_wssi.evaluation.runner import AttackRunner
 from keras_wssi.evaluation.runner import check_dataset
@@ -98,8 +97,8 @@ def _base_name(name):
 
 def _implementation(attack):
     if attack.library == "cleverhans":
-        return f"{gradient_attacks.implementation(attack)} (run by keras_wssi.evaluation.AttackRunner)"
-    return gradient_attacks.implementation(attack)
+        return f"{attacks_module.implementation(attack)} (run by keras_wssi.evaluation.AttackRunner)"
+    return attacks_module.implementation(attack)
 
 
 class _State:

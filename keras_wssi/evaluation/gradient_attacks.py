@@ -3,7 +3,9 @@
 On TensorFlow the runner calls cleverhans's own `cleverhans.tf2.attacks` functions. On JAX:
 
 - L∞ FGSM, PGD, BIM and Madry without a custom loss run cleverhans's own JAX functions
-  (`cleverhans.jax.attacks.fast_gradient_method` / `projected_gradient_descent`). cleverhans 4.0.0's JAX package
+  (`cleverhans.jax.attacks.fast_gradient_method` / `projected_gradient_descent`); PGD's Python loop over its body
+  is run as an `ops.fori_loop` over the same body (the same arithmetic; XLA then compiles one iteration, not
+  `nb_iter` unrolled copies, which took seconds per attack on CPU). cleverhans 4.0.0's JAX package
   predates today's JAX in three places, which `_cleverhans_jax` bridges without changing its arithmetic: it imports
   `jax.experimental.stax` (now `jax.example_libraries.stax`), calls `jnp.clip(a_min=, a_max=)` (now `min=`,
   `max=`), and draws PGD's random start with `jnp.random.uniform`, which never existed (the start is drawn here
@@ -12,9 +14,9 @@ On TensorFlow the runner calls cleverhans's own `cleverhans.tf2.attacks` functio
   by ε), MIM (not in cleverhans.jax) and any attack with a custom `loss` (cleverhans.jax takes no loss) run
   `cleverhans_tf2_transcription`: cleverhans.tf2's algorithms transcribed line by line into `keras.ops`.
 
-`implementation(attack)` names the code that computes an attack on the active backend; the runner and the reports
-record it. ART's attacks (`"cw_l2"`, `"square"`, `"square_l2"`) wrap TensorFlow models only: on JAX,
-`check_backend` refuses them and names keras_wssi's compiled replacements.
+`keras_wssi.evaluation.attacks.implementation(attack)` names the code that computes an attack on the active backend;
+the runner and the reports record it. ART's attacks (`"cw_l2"`, `"square"`, `"square_l2"`) wrap TensorFlow models
+only: on JAX, `attacks.check_backend` refuses them and names keras_wssi's compiled replacements.
 """
 
 import importlib
@@ -27,61 +29,9 @@ from keras import ops
 from keras_wssi import backend
 from keras_wssi.evaluation import compiled_attacks
 from keras_wssi.evaluation.attacks import EvaluationError
+from keras_wssi.evaluation.attacks import uses_cleverhans_jax
 
-__all__ = ["check_backend", "cleverhans_tf2_transcription", "implementation", "run_batch"]
-
-_TF2 = {
-    "fgm": "cleverhans.tf2.attacks.fast_gradient_method",
-    "pgd": "cleverhans.tf2.attacks.projected_gradient_descent",
-    "bim": "cleverhans.tf2.attacks.basic_iterative_method",
-    "mim": "cleverhans.tf2.attacks.momentum_iterative_method",
-    "madry": "cleverhans.tf2.attacks.madry_et_al",
-}
-_JAX = {
-    "fgm": "cleverhans.jax.attacks.fast_gradient_method",
-    "pgd": "cleverhans.jax.attacks.projected_gradient_descent",
-    "bim": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=False)",
-    "madry": "cleverhans.jax.attacks.projected_gradient_descent (rand_init=True)",
-}
-_TRANSCRIPTION = "keras_wssi.evaluation.gradient_attacks.cleverhans_tf2_transcription"
-
-# ART attack → keras_wssi's compiled replacement on JAX.
-_ART_REPLACEMENTS = {
-    "cw_l2": "'fab_t_l2' (minimal-L2 FAB-T) or 'apgd_ce_l2'",
-    "square": "'square_compiled' (keras_wssi's compiled Square attack)",
-}
-
-
-def _uses_cleverhans_jax(attack):
-    return attack.method in _JAX and attack.norm == "linf" and attack.loss is None
-
-
-def implementation(attack):
-    """The code that computes `attack`'s adversarial examples on the active backend (what reports record)."""
-    if attack.library == "keras_wssi":
-        return "keras_wssi.evaluation.compiled_attacks"
-    if attack.library == "art":
-        return ("art.attacks.evasion.CarliniL2Method" if attack.method == "cw_l2"
-                else "art.attacks.evasion.SquareAttack")
-    if backend.BACKEND == "tensorflow":
-        return _TF2[attack.method]
-    if _uses_cleverhans_jax(attack):
-        return _JAX[attack.method]
-    return f"{_TRANSCRIPTION} (of {_TF2[attack.method]})"
-
-
-def check_backend(attack):
-    """Raises a clear `EvaluationError` when `attack` has no implementation on the active backend."""
-    if backend.BACKEND == "tensorflow" or attack.library != "art":
-        return
-    replacement = _ART_REPLACEMENTS[attack.method]
-    if attack.method == "square" and attack.norm == "l2":
-        replacement = "'square_compiled_l2' (keras_wssi's compiled Square attack)"
-    raise EvaluationError(
-        f"Attack {attack.name!r} ({implementation(attack)}) has no JAX implementation: the Adversarial Robustness "
-        f"Toolbox wraps TensorFlow models only. On JAX use {replacement}, or run with KERAS_BACKEND=tensorflow."
-    )
-
+__all__ = ["cleverhans_tf2_transcription", "run_batch"]
 
 # ---------------------------------------------------------------------------------------------------------
 # cleverhans.tf2 in keras.ops.
@@ -261,18 +211,37 @@ def _cleverhans_jax_batch(attack, model_fn, x, y, eps, indices, key, restart, cl
     rand_init = attack.method == "madry" or (attack.method == "pgd" and attack.rand_init)
     previous = getattr(_RANDOM_START, "state", None)
     _RANDOM_START.state = (x, indices, key, restart)
+    pgd = modules["projected_gradient_descent"].projected_gradient_descent
+    step = _StepSize(eps * attack.eps_iter_ratio())
     try:
-        return modules["projected_gradient_descent"].projected_gradient_descent(
-            model_fn, x, eps, _StepSize(eps * attack.eps_iter_ratio()), int(attack.nb_iter), np.inf,
-            clip_min=clip_min, clip_max=clip_max, y=labels, rand_init=rand_init)
+        # cleverhans.jax's PGD is its start (nb_iter=0) then nb_iter times its own body: a PGD of one iteration
+        # from the current point, with the ball around the original x. The body runs in a fori_loop (XLA compiles
+        # one step instead of nb_iter unrolled copies); `_ball_around` keeps clip_eta centred on x.
+        adv_x = pgd(model_fn, x, eps, step, 0, np.inf, clip_min=clip_min, clip_max=clip_max, y=labels,
+                    rand_init=rand_init)
     finally:
         _RANDOM_START.state = previous
+    fgm = modules["fast_gradient_method"].fast_gradient_method
+    clip_eta = modules["utils"].clip_eta
+    compat = modules["projected_gradient_descent"].np
+
+    def body(_, adv_x):
+        # The lines of cleverhans.jax's loop body (projected_gradient_descent.py), verbatim.
+        adv_x = fgm(model_fn, adv_x, step, np.inf, clip_min=clip_min, clip_max=clip_max, y=labels, targeted=False)
+        eta = adv_x - x
+        eta = clip_eta(eta, np.inf, eps)
+        adv_x = x + eta
+        if clip_min is not None or clip_max is not None:
+            adv_x = compat.clip(adv_x, a_min=clip_min, a_max=clip_max)
+        return adv_x
+
+    return ops.fori_loop(0, int(attack.nb_iter), body, adv_x)
 
 
 def run_batch(attack, model_fn, x, y, indices, eps, key, restart, clip_min, clip_max, num_classes, loss_fn=None):
     """One batch of a cleverhans attack on JAX (inside a compiled function): cleverhans.jax where it computes the
     attack as cleverhans.tf2 does, the keras.ops transcription otherwise (see the module docstring)."""
-    if _uses_cleverhans_jax(attack):
+    if uses_cleverhans_jax(attack):
         return _cleverhans_jax_batch(attack, model_fn, x, y, eps, indices, key, restart, clip_min, clip_max,
                                      num_classes)
     return cleverhans_tf2_transcription(

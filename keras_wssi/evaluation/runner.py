@@ -1,4 +1,5 @@
-"""The batched, compiled attack loop: cleverhans's attack traced once into a `tf.function`, run batch by batch.
+"""The batched, compiled attack loop: cleverhans's attack traced once into a `tf.function` (on JAX: `jax.jit` of
+`gradient_attacks.run_batch`), run batch by batch.
 
 One graph per (model, attack, batch size) is traced with `ε`, the restart number and the example indices
 as inputs, so a whole ε-curve over a test set reuses it: no retracing per batch, per ε or for the last
@@ -8,7 +9,6 @@ default: on this project's reference CPU it did not speed PGD up on an MLP and s
 """
 
 import time
-import weakref
 
 import keras
 import numpy as np
@@ -121,21 +121,17 @@ def _predicted(logits):
     return ops.cast(ops.argmax(logits, axis=1), "int32")
 
 
-_FORWARDS = weakref.WeakKeyDictionary()
-
-
 def predict_correct(logits_fn, images, labels, batch_size, variables=()):
     """Per example, whether `logits_fn` classifies `images` correctly (one compiled forward pass per batch; the
     compiled function is kept with `logits_fn`)."""
-    forward = _FORWARDS.get(logits_fn)
-    if forward is None:
-        forward = compiled_attacks.compile_function(lambda x: _predicted(ops.cast(logits_fn(x), "float32")),
-                                                    variables=variables)
-        _FORWARDS[logits_fn] = forward
+    forward = compiled_attacks.cached(logits_fn, ("predict", tuple(id(v) for v in variables)), lambda: (
+        compiled_attacks.compile_function(lambda x: _predicted(ops.cast(logits_fn(x), "float32")),
+                                          variables=variables)))
     correct = []
+    size = min(batch_size, len(images))  # The last batch is padded: one compiled size.
     for start, stop in _batches(len(images), batch_size):
-        predicted = ops.convert_to_numpy(forward(ops.convert_to_tensor(images[start:stop])))
-        correct.append(predicted == labels[start:stop])
+        predicted = ops.convert_to_numpy(forward(ops.convert_to_tensor(_padded(images, start, stop, size))))
+        correct.append(predicted[: stop - start] == labels[start:stop])
     return np.concatenate(correct) if correct else np.zeros(0, bool)
 
 
@@ -168,11 +164,13 @@ def clean_metrics(model, images, labels, batch_size=256, recover_logits=False):
 
     forward = compiled_attacks.compile_function(forward, variables=model.variables)
     correct_total, loss_total = 0.0, 0.0
+    size = min(batch_size, len(images))  # The last batch is padded: one compiled size.
     for start, stop in _batches(len(images), batch_size):
-        correct, loss = forward(ops.convert_to_tensor(images[start:stop]), ops.convert_to_tensor(labels[start:stop]))
+        correct, loss = forward(ops.convert_to_tensor(_padded(images, start, stop, size)),
+                                ops.convert_to_tensor(_padded(labels, start, stop, size)))
         # Summed in float64 on the host (JAX has no float64 without x64).
-        correct_total += float(np.sum(ops.convert_to_numpy(correct), dtype=np.float64))
-        loss_total += float(np.sum(ops.convert_to_numpy(loss), dtype=np.float64))
+        correct_total += float(np.sum(ops.convert_to_numpy(correct)[: stop - start], dtype=np.float64))
+        loss_total += float(np.sum(ops.convert_to_numpy(loss)[: stop - start], dtype=np.float64))
     return {"accuracy": correct_total / len(images), "loss": loss_total / len(images), "examples": len(images)}
 
 
@@ -226,7 +224,7 @@ class AttackRunner:
             raise EvaluationError(f"seed must be an integer, got {seed!r}.")
         self.model = model
         self.attack = attacks_module.get_attack(attack)
-        gradient_attacks.check_backend(self.attack)
+        attacks_module.check_backend(self.attack)
         self.batch_size = batch_size
         self.seed = int(seed)
         self.clip_min = None if clip_min is None else float(clip_min)
@@ -303,7 +301,10 @@ class AttackRunner:
             loss = ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
             return x_adv, _predicted(logits) == y, loss
 
-        self._compiled = compiled_attacks.compile_function(run, variables=self.model.variables)
+        variables = self.model.variables
+        cache_key = ("cleverhans_jax", attack, clip_min, clip_max, self.seed, tuple(id(v) for v in variables))
+        self._compiled = compiled_attacks.cached(
+            logits_fn, cache_key, lambda: compiled_attacks.compile_function(run, variables=variables))
         return self._compiled
 
     # -- cleverhans attacks ------------------------------------------------------------------------------

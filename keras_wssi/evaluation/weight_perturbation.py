@@ -20,11 +20,13 @@ snapshot taken before is compared (and restored, bit for bit) in a `finally` blo
 """
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
+from keras.backend import standardize_dtype as keras_dtype
 
+from keras_wssi import backend
 from keras_wssi import labels as labels_module
 from keras_wssi import structure
-from keras_wssi.margin_bounds import operator_norm
+from keras_wssi.evaluation.compiled_attacks import compile_function
 from keras_wssi.margin_bounds import validate_epsilon
 from keras_wssi.margin_bounds import validate_layers
 from keras_wssi.margin_bounds import validate_weight_norm
@@ -40,52 +42,75 @@ def _matrix(kernel, kind):
         raise structure.StructureError(
             f"Weight-perturbation evaluation supports Dense and convolution kernels, got a {kind} layer."
         )
-    return tf.reshape(kernel, [-1, kernel.shape[-1]])
+    return ops.reshape(kernel, (-1, kernel.shape[-1]))
+
+
+def _kernel_matrix(layer):
+    kernel = np.asarray(layer.kernels[0].numpy())
+    _matrix(kernel, layer.kind)
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def _operator_norm(matrix, norm):
+    """`margin_bounds.operator_norm` of a kernel matrix `(fan_in, fan_out)` held in NumPy (a host-side float)."""
+    matrix = np.asarray(matrix)
+    if norm == "inf":
+        return float(np.abs(matrix).sum(axis=0).max())
+    if norm == "1":
+        return float(np.abs(matrix).sum(axis=1).max())
+    return float(np.linalg.svd(matrix, compute_uv=False)[0])
 
 
 def _project_l1_rows(vectors, radius):
     """Euclidean projection of each row of `vectors` `(k, n)` onto the ℓ1 ball of `radius` `(k,)`
     (Duchi, Shalev-Shwartz, Singer, Chandra 2008: sort, threshold)."""
-    magnitude = tf.abs(vectors)
-    dimension = tf.shape(vectors)[-1]
-    sorted_magnitude = tf.sort(magnitude, axis=-1, direction="DESCENDING")
-    cumulative = tf.cumsum(sorted_magnitude, axis=-1)
-    k = tf.cast(tf.range(1, dimension + 1), vectors.dtype)
-    active = tf.cast(sorted_magnitude * k > cumulative - radius[:, None], tf.int32)
-    count = tf.maximum(tf.reduce_sum(active, axis=-1), 1)
-    threshold = (tf.gather(cumulative, count - 1, axis=-1, batch_dims=1) - radius) / tf.cast(count, vectors.dtype)
-    projected = tf.sign(vectors) * tf.nn.relu(magnitude - threshold[:, None])
-    inside = tf.reduce_sum(magnitude, axis=-1, keepdims=True) <= radius[:, None]
-    return tf.where(inside, vectors, projected)
+    dtype = vectors.dtype
+    magnitude = ops.abs(vectors)
+    dimension = vectors.shape[-1]
+    sorted_magnitude = ops.flip(ops.sort(magnitude, axis=-1), axis=-1)
+    cumulative = ops.cumsum(sorted_magnitude, axis=-1)
+    k = ops.cast(ops.arange(1, dimension + 1), dtype)
+    active = ops.cast(sorted_magnitude * k > cumulative - radius[:, None], "int32")
+    count = ops.maximum(ops.sum(active, axis=-1), 1)
+    threshold = (ops.take_along_axis(cumulative, (count - 1)[:, None], axis=-1)[:, 0] - radius) / ops.cast(count, dtype)
+    projected = ops.sign(vectors) * ops.relu(magnitude - threshold[:, None])
+    inside = ops.sum(magnitude, axis=-1, keepdims=True) <= radius[:, None]
+    return ops.where(inside, vectors, projected)
 
 
 def _as_dtype(value, dtype):
-    # tf.cast of a Python float goes through float32 first; build float64 radii directly.
-    return tf.cast(value, dtype) if tf.is_tensor(value) else tf.constant(value, dtype)
+    # A Python float goes straight to the matrix's dtype (not through float32 first).
+    if isinstance(value, (int, float, np.number, np.ndarray)):
+        return ops.convert_to_tensor(np.asarray(value, dtype))
+    return ops.cast(value, dtype)
 
 
 def _vectors_along(matrix, axis):
     # The vectors whose ℓ1 norms the operator norm maximizes, as rows: columns (axis -2) or rows (axis -1).
-    return tf.linalg.matrix_transpose(matrix) if axis == -2 else matrix
+    return ops.swapaxes(matrix, -1, -2) if axis == -2 else matrix
+
+
+def _dtype(x):
+    return keras_dtype(x.dtype)
 
 
 def project_to_ball(matrix, radius, norm="inf"):
     """Euclidean projection of kernel matrices `(…, fan_in, fan_out)` (`W = matrixᵀ`) onto
     `{Δ : ||Δᵀ|| ≤ radius}` for the operator norm `norm` (`"inf"`, `"1"`, `"2"`); `radius` is a scalar or
-    one radius per matrix `(…)`."""
+    one radius per matrix `(…)`. Float64 matrices stay float64 (on JAX inside `jax.enable_x64`)."""
     norm = validate_weight_norm(norm)
-    matrix = tf.convert_to_tensor(matrix)
-    radius = tf.broadcast_to(_as_dtype(radius, matrix.dtype), tf.shape(matrix)[:-2])
+    matrix = ops.convert_to_tensor(matrix)
+    radius = ops.broadcast_to(_as_dtype(radius, _dtype(matrix)), tuple(matrix.shape[:-2]))
     if norm == "2":
-        s, u, v = tf.linalg.svd(matrix)
-        return tf.matmul(u * tf.minimum(s, radius[..., None])[..., None, :], v, transpose_b=True)
+        u, s, vh = ops.svd(matrix, full_matrices=False)
+        return ops.matmul(u * ops.minimum(s, radius[..., None])[..., None, :], vh)
     # "inf": every output unit's incoming weights (a column of the kernel) lie in the ℓ1 ball; "1": every row.
     axis = -2 if norm == "inf" else -1
     vectors = _vectors_along(matrix, axis)
-    shape = tf.shape(vectors)
-    rows = tf.reshape(vectors, [-1, shape[-1]])
-    radii = tf.reshape(tf.broadcast_to(radius[..., None], shape[:-1]), [-1])
-    projected = tf.reshape(_project_l1_rows(rows, radii), shape)
+    shape = tuple(vectors.shape)
+    rows = ops.reshape(vectors, (-1, shape[-1]))
+    radii = ops.reshape(ops.broadcast_to(radius[..., None], shape[:-1]), (-1,))
+    projected = ops.reshape(_project_l1_rows(rows, radii), shape)
     return _vectors_along(projected, axis)
 
 
@@ -93,16 +118,17 @@ def steepest_ascent_vertex(gradient, radius, norm="inf"):
     """`argmax_{||Δᵀ|| ≤ radius} ⟨gradient, Δ⟩` per matrix `(…, fan_in, fan_out)` (the linear maximization
     oracle of the ball: the operator-norm analogue of FGSM's sign step)."""
     norm = validate_weight_norm(norm)
-    gradient = tf.convert_to_tensor(gradient)
-    radius = tf.broadcast_to(_as_dtype(radius, gradient.dtype), tf.shape(gradient)[:-2])[..., None, None]
+    gradient = ops.convert_to_tensor(gradient)
+    dtype = _dtype(gradient)
+    radius = ops.broadcast_to(_as_dtype(radius, dtype), tuple(gradient.shape[:-2]))[..., None, None]
     if norm == "2":
-        _, u, v = tf.linalg.svd(gradient)  # argmax is the polar factor U Vᵀ (value: radius × nuclear norm)
-        return radius * tf.matmul(u, v, transpose_b=True)
+        u, _, vh = ops.svd(gradient, full_matrices=False)  # argmax is the polar factor U Vᵀ (radius × nuclear norm)
+        return radius * ops.matmul(u, vh)
     axis = -2 if norm == "inf" else -1
-    size = tf.shape(gradient)[axis]
-    index = tf.argmax(tf.abs(gradient), axis=axis, output_type=tf.int32)
-    mask = tf.one_hot(index, size, dtype=gradient.dtype, axis=gradient.shape.rank + axis)
-    return radius * mask * tf.sign(gradient)
+    size = gradient.shape[axis]
+    index = ops.argmax(ops.abs(gradient), axis=axis)
+    mask = ops.one_hot(index, size, axis=len(gradient.shape) + axis, dtype=dtype)
+    return radius * mask * ops.sign(gradient)
 
 
 def _validated_epsilons(epsilons):
@@ -200,51 +226,69 @@ def evaluate_weight_perturbations(
             if not matches:
                 raise ValueError(f"layers: the kernel of {w.name!r} is not trainable; it cannot be perturbed here.")
             position[w.name] = matches[0]
-        base_norms = {w.name: float(operator_norm(_matrix(w.kernels[0], w.kind), norm)) for w in targets}
+        base_norms = {w.name: _operator_norm(_kernel_matrix(w), norm) for w in targets}
 
         def perturbed_values(deltas, order):
-            values = [tf.convert_to_tensor(v) for v in trainable]
+            values = [ops.convert_to_tensor(v) for v in trainable]
             for name, delta in zip(order, deltas):
                 index = position[name]
-                values[index] = values[index] + tf.reshape(delta, values[index].shape)
+                values[index] = values[index] + ops.reshape(delta, values[index].shape)
             return values
 
         def logits_with(deltas, order, x):
             outputs, _ = model.stateless_call(
-                perturbed_values(deltas, order), [tf.convert_to_tensor(v) for v in non_trainable], x, training=False
+                perturbed_values(deltas, order), [ops.convert_to_tensor(v) for v in non_trainable], x, training=False
             )
-            return tf.cast(outputs, tf.float32)
+            return ops.cast(outputs, "float32")
+
+        def count_correct(logits, y, mask):
+            return ops.sum(ops.cast(ops.equal(ops.cast(ops.argmax(logits, -1), "int32"), y), "int32") * mask)
 
         def make_functions(order):
-            @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-            def correct_count(deltas, x, y):
-                logits = logits_with(deltas, order, x)
-                return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.int32))
+            def correct_count(deltas, x, y, mask):
+                return count_correct(logits_with(deltas, order, x), y, mask)
 
-            @tf.function(jit_compile=jit_compile, reduce_retracing=True)
-            def adversarial_correct_count(x, y, radii):
-                deltas = [tf.zeros_like(_matrix(trainable[position[n]], "dense")) for n in order]
-                for _ in range(steps):
-                    with tf.GradientTape() as tape:
-                        tape.watch(deltas)
-                        logits = logits_with(deltas, order, x)
-                        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
-                    gradients = tape.gradient(loss, deltas)
-                    deltas = [
-                        project_to_ball(d + step_size * steepest_ascent_vertex(g, r, norm), r, norm)
-                        for d, g, r in zip(deltas, gradients, tf.unstack(radii))
+            def adversarial_correct_count(x, y, mask, radii):
+                deltas = [ops.zeros_like(_matrix(trainable[position[n]], "dense")) for n in order]
+
+                def loss(*deltas):
+                    logits = logits_with(deltas, order, x)
+                    losses = ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
+                    return ops.sum(losses if backend.BACKEND == "tensorflow" else losses * ops.cast(mask, "float32"))
+
+                def ascend(_, deltas):
+                    gradients = backend.grad(loss, *deltas)
+                    return [
+                        project_to_ball(d + step_size * steepest_ascent_vertex(g, radii[i], norm), radii[i], norm)
+                        for i, (d, g) in enumerate(zip(deltas, gradients))
                     ]
-                logits = logits_with(deltas, order, x)
-                return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.int32))
 
-            return correct_count, adversarial_correct_count
+                if backend.BACKEND == "tensorflow":
+                    for step in range(steps):  # Unrolled, as before (the graph TensorFlow measured fastest).
+                        deltas = ascend(step, deltas)
+                else:  # One compiled step in a loop: XLA compiles `steps` unrolled copies much more slowly.
+                    deltas = ops.fori_loop(0, steps, ascend, deltas)
+                return count_correct(logits_with(deltas, order, x), y, mask)
+
+            variables = model.variables
+            return (compile_function(correct_count, variables=variables, jit_compile=jit_compile),
+                    compile_function(adversarial_correct_count, variables=variables, jit_compile=jit_compile))
+
+        # On JAX every batch is padded to one size (one compiled program), the padding masked out of the counts
+        # and of the adversarial loss; TensorFlow relaxes its trace to the last batch's size instead.
+        padded_size = min(batch_size, len(images)) if backend.BACKEND == "jax" else None
 
         def batches():
             for start in range(0, len(images), batch_size):
-                yield (
-                    tf.convert_to_tensor(images[start : start + batch_size], tf.float32),
-                    tf.convert_to_tensor(labels[start : start + batch_size]),
-                )
+                x = np.asarray(images[start : start + batch_size], np.float32)
+                y = labels[start : start + batch_size]
+                mask = np.ones(len(x), np.int32)
+                if padded_size and len(x) < padded_size:
+                    missing = padded_size - len(x)
+                    x = np.concatenate([x, np.repeat(x[-1:], missing, axis=0)])
+                    y = np.concatenate([y, np.repeat(y[-1:], missing)])
+                    mask = np.concatenate([mask, np.zeros(missing, np.int32)])
+                yield tuple(ops.convert_to_tensor(value) for value in (x, y, mask))
 
         rng = np.random.default_rng(seed)
 
@@ -254,8 +298,8 @@ def evaluate_weight_perturbations(
             for epsilon in epsilons:
                 radii = [epsilon * base_norms[n] if relative else epsilon for n in order]
                 if kind == "adversarial":
-                    radius_tensor = tf.constant(radii, tf.float32)
-                    total = sum(int(adversarial_correct_count(x, y, radius_tensor)) for x, y in batches())
+                    radius_tensor = ops.convert_to_tensor(np.asarray(radii, np.float32))
+                    total = sum(int(adversarial_correct_count(x, y, mask, radius_tensor)) for x, y, mask in batches())
                     accuracies.append(total / len(images))
                     stds.append(0.0)
                     continue
@@ -263,15 +307,15 @@ def evaluate_weight_perturbations(
                 for _ in range(num_draws):
                     deltas = []
                     for name, radius in zip(order, radii):
-                        shape = _matrix(trainable[position[name]], "dense").shape
+                        shape = tuple(_matrix(trainable[position[name]], "dense").shape)
                         if distribution == "uniform":
                             raw = rng.uniform(-1.0, 1.0, size=shape)
                         else:
                             raw = rng.standard_normal(size=shape)
-                        raw = tf.constant(raw, tf.float32)
-                        scale = radius / max(float(operator_norm(raw, norm)), 1e-30)
-                        deltas.append(raw * scale)
-                    total = sum(int(correct_count(deltas, x, y)) for x, y in batches())
+                        raw = raw.astype(np.float32)
+                        scale = radius / max(_operator_norm(raw, norm), 1e-30)
+                        deltas.append(ops.convert_to_tensor(raw * np.float32(scale)))
+                    total = sum(int(correct_count(deltas, x, y, mask)) for x, y, mask in batches())
                     draws.append(total / len(images))
                 accuracies.append(float(np.mean(draws)))
                 stds.append(float(np.std(draws)))

@@ -55,7 +55,7 @@ class SlopePenalty(Penalty):
         self.power = int(power)
         self.method = validation.choice(method, METHODS, "method")
         self.iterations = validation.positive_int(iterations, "iterations")
-        # "auto" is resolved in build(); until then assume the general path (which needs the input tape).
+        # "auto" is resolved in build(); until then assume the general path (which needs the input-Jacobian products).
         self.requires = frozenset({"weights", "inputs"} | ({"input_jacobian"} if method != "exact" else set()))
         self._resolved = None
         super().__init__(strength=strength, name=name)
