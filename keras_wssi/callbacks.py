@@ -5,12 +5,19 @@ Johansson, Engsner, Strannegård, Mostad, "Slope and generalization properties o
 `SlopeLogger` does that and writes the summary into the epoch logs (so it lands in `History`, the progress
 bar and any later callback) and, with `log_dir`, a TensorBoard histogram. `SlopeEarlyStopping` stops on it.
 
-Training that survives kills, corruption and divergence: `ResumableBackup` keeps `tf.train.CheckpointManager`
-backups of every variable (model, optimizer, penalty state) with the epoch and the run's configuration, and
-resumes from the newest readable one; `TerminateOnNonFinite` stops at the first step whose loss, penalties,
+Training that survives kills, corruption and divergence: `ResumableBackup` keeps backups of every variable
+(model, optimizer, penalty state) with the epoch and the run's configuration — `tf.train.CheckpointManager` on
+TensorFlow, fsynced and checksummed array files of the same layout on JAX — and resumes from the newest
+readable one; `TerminateOnNonFinite` stops at the first step whose loss, penalties,
 weights or optimizer state stop being finite, naming the cause; `CheckLabels` refuses labels outside the
 model's classes before the first step (XLA would turn them into NaN silently); `AtomicWeightsCheckpoint`
 writes per-epoch weights that are complete and finite, or nothing.
+
+On JAX, Keras keeps the training state in arrays during an epoch and writes it back into the variables when a
+callback reads `self.model` (and at every epoch end). Every callback here reads and assigns variables only
+through `self.model`, so the guards see the current weights and an assigned strength reaches the next step; a
+callback of your own that assigns a variable mid-epoch must do the same (e.g. `self.model.penalties[0].strength
+= value`, not a penalty object kept aside).
 """
 
 import hashlib
@@ -22,6 +29,7 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 
 import keras
 import numpy as np
@@ -292,6 +300,19 @@ def _variable_name(variable):
     return getattr(variable, "path", None) or getattr(variable, "name", "?")
 
 
+def _finite_flags(values):
+    return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in values])
+
+
+_COMPILED_FINITE_FLAGS = []
+
+
+def _compiled_finite_flags():
+    if not _COMPILED_FINITE_FLAGS:
+        _COMPILED_FINITE_FLAGS.append(backend.function(_finite_flags, jit_compile=True))
+    return _COMPILED_FINITE_FLAGS[0]
+
+
 class _FiniteCheck:
     """One compiled function that reports, per floating-point variable, whether all its entries are finite.
 
@@ -301,18 +322,31 @@ class _FiniteCheck:
     def __init__(self, variables):
         self.variables = [v for v in variables if keras.backend.is_float_dtype(keras.backend.standardize_dtype(v.dtype))]
         self.count = len(variables)
+        self.ids = [id(v) for v in variables]
 
-        def flags():
-            return keras.ops.stack([keras.ops.all(keras.ops.isfinite(v)) for v in self.variables])
-
-        # Compiled on JAX (an uncompiled JAX function dispatches op by op); a plain graph on TensorFlow.
-        self._flags = backend.function(flags, variables=self.variables, jit_compile=backend.BACKEND == "jax")
+        if backend.BACKEND == "tensorflow":  # A graph reading the variables by reference.
+            self._flags = backend.function(lambda: _finite_flags(self.variables), variables=self.variables, jit_compile=False)
+        else:  # One jax.jit for every check, fed the current values: models of equal shapes share its compilation.
+            self._flags = lambda: _compiled_finite_flags()([v.value for v in self.variables])
 
     def non_finite(self):
         if not self.variables:
             return []
         flags = keras.ops.convert_to_numpy(self._flags())
         return [_variable_name(v) for v, ok in zip(self.variables, flags) if not ok]
+
+
+# One compiled check per model, shared by every callback and `check_finite_state` (on JAX each new check is one
+# more XLA compilation).
+_FINITE_CHECKS = weakref.WeakKeyDictionary()
+
+
+def _finite_check(model):
+    variables = training_state_variables(model)
+    check = _FINITE_CHECKS.get(model)
+    if check is None or check.ids != [id(v) for v in variables]:
+        check = _FINITE_CHECKS[model] = _FiniteCheck(variables)
+    return check
 
 
 def check_finite_state(model, what):
@@ -328,7 +362,7 @@ def check_finite_state(model, what):
     model.save("model.keras")
     ```
     """
-    bad = _FiniteCheck(training_state_variables(model)).non_finite()
+    bad = _finite_check(model).non_finite()
     if bad:
         raise FloatingPointError(
             f"Refusing to write {what}: {len(bad)} variable(s) hold NaN/Inf ({', '.join(bad[:3])}"
@@ -415,19 +449,12 @@ class TerminateOnNonFinite(keras.callbacks.Callback):
         check_every = validation.positive_int(check_every, "check_every")
         self.check_every = check_every
         self._epoch = 0
-        self._check = None
-
-    def on_train_begin(self, logs=None):
-        self._check = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def _non_finite_state(self):
-        variables = training_state_variables(self.model)
-        if self._check is None or self._check.count != len(variables):
-            self._check = _FiniteCheck(variables)
-        return self._check.non_finite()
+        return _finite_check(self.model).non_finite()  # `self.model`: on JAX, writes the step's state back first.
 
     def _stop(self, where, culprit):
         self.model.stop_training = True
@@ -582,6 +609,16 @@ def _write_atomically(path, payload):
     os.replace(temporary, path)
 
 
+def _numpy_dtype(name):
+    """The NumPy dtype named `name`, including ml_dtypes' (bfloat16, float8…) that NumPy does not know by name."""
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes  # Installed with JAX; Keras's low-precision dtypes come from it.
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
 class _ArrayBackups:
     """Backups of plain arrays, for backends whose variables `tf.train.Checkpoint` cannot save (JAX).
 
@@ -603,7 +640,7 @@ class _ArrayBackups:
         for key, array in arrays:
             array = np.asarray(array)  # tobytes() is C order; ascontiguousarray would make 0-d arrays 1-d.
             payload = array.tobytes()
-            entries.append({"key": key, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset})
+            entries.append({"key": key, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset})
             chunks.append(payload)
             offset += len(payload)
         payload = b"".join(chunks)
@@ -629,11 +666,14 @@ class _ArrayBackups:
         if hashlib.sha256(payload).hexdigest() != index["data_sha256"]:
             raise ValueError("the data file's SHA-256 differs from the one its index recorded")
         arrays = []
-        for entry in index["variables"]:
-            dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
-            count = int(np.prod(shape, dtype=np.int64))
-            array = np.frombuffer(payload, dtype=dtype, count=count, offset=entry["offset"]) if count else np.zeros(0, dtype)
-            arrays.append(array.reshape(shape))
+        try:
+            for entry in index["variables"]:
+                dtype, shape = _numpy_dtype(entry["dtype"]), tuple(entry["shape"])
+                count = int(np.prod(shape, dtype=np.int64))
+                array = np.frombuffer(payload, dtype=dtype, count=count, offset=entry["offset"]) if count else np.zeros(0, dtype)
+                arrays.append(array.reshape(shape))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{prefix}.index does not describe its arrays ({type(error).__name__}: {error})") from error
         return index, arrays
 
     def write_pointer(self, prefixes):
@@ -661,12 +701,16 @@ class _ArrayBackups:
 class ResumableBackup(keras.callbacks.Callback):
     """Backs up a run after every epoch and resumes it from the newest readable backup.
 
-    Each backup is a `tf.train.Checkpoint` of every variable of the run (`training_state_variables`: weights,
-    optimizer slots and step, penalty state) plus the number of finished epochs, the epoch logs and the run's
-    configuration, written by `tf.train.CheckpointManager` (data first, then the `checkpoint` pointer, each
-    atomically). Before a backup is written the state is checked to be finite; after it, every tensor of it
-    is read back (CRC-checked), and the previous backup is kept (`max_to_keep=2`) until the next one has
-    been. On restart (`on_train_begin`) the backups are tried newest first: one that cannot be read — a
+    Each backup holds every variable of the run (`training_state_variables`: weights, optimizer slots and
+    step, penalty state) plus the number of finished epochs, the epoch logs and the run's configuration. On
+    TensorFlow it is a `tf.train.Checkpoint` written by `tf.train.CheckpointManager` (data first, then the
+    `checkpoint` pointer, each atomically). On JAX, whose arrays `tf.train` cannot save, the same content goes
+    into files of the same layout: `ckpt-N.data-00000-of-00001` (the arrays' bytes) and `ckpt-N.index` (JSON:
+    epoch, logs, configuration, each array's dtype/shape/offset, the data's size and SHA-256), each written to
+    a temporary file, fsynced and renamed (the index last, so a listed backup is complete), then the pointer.
+    Before a backup is written the state is checked to be finite; after it, every tensor of it is read back
+    (CRC- or SHA-256-checked), and the previous backup is kept (`max_to_keep=2`) until the next one has
+    been. A backup in the other backend's format is refused with `BackupMismatchError`, never deleted. On restart (`on_train_begin`) the backups are tried newest first: one that cannot be read — a
     truncated file, a missing shard, a pointer naming nothing — is reported and deleted, and the previous
     one is used; a pointer that is empty, unparsable or points elsewhere is ignored (the folder's listing is
     the truth). A backup written by another configuration is refused with `BackupMismatchError` (or
@@ -726,7 +770,6 @@ class ResumableBackup(keras.callbacks.Callback):
             model.optimizer.build(model.trainable_variables)
         variables = training_state_variables(model)
         self._variables = variables
-        self._finite = _FiniteCheck(variables)
         self._last_read = None
         if backend.BACKEND != "tensorflow":
             return  # Plain arrays in `_ArrayBackups` files: tf.train.Checkpoint cannot save JAX arrays.
@@ -893,7 +936,7 @@ class ResumableBackup(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not self._chief:
             return
-        bad = self._finite.non_finite()
+        bad = _finite_check(self.model).non_finite()
         if bad:
             raise FloatingPointError(
                 f"Refusing to write the backup of epoch {epoch + 1}: {', '.join(bad[:3])} hold NaN/Inf. The previous "

@@ -9,10 +9,17 @@ The rule, stated identically in the README, the docs and `examples/train.py`:
     auto: XLA on for models without convolutional layers, or when a GPU/TPU is present; off for convolutional models on CPU
 
 Users can always force it: `compile(jit_compile=True)` or `False`.
+
+The rule was measured on TensorFlow, whose alternative to XLA is a graph of its own kernels. On JAX there is no
+such alternative: `jit_compile=False` makes Keras run the step op by op (each op still an XLA program), which
+was never faster here — the same for a plain small CNN (about 0.3 s per step of 128 both ways) and 6x slower for
+a CNN with the input-gradient penalty (179 vs 28 ms per step of 32). So on the JAX backend the recommendation is
+XLA on for every model, as `examples/train.py --jit_compile=auto` does.
 """
 
 import keras
-import tensorflow as tf
+
+from keras_wssi import backend as keras_backend
 
 __all__ = ["RULE", "has_accelerator", "has_convolutions", "recommended_jit_compile", "resolve_jit_compile"]
 
@@ -36,9 +43,8 @@ _CONVOLUTION_TYPES = tuple(
 
 
 def has_accelerator():
-    """True when TensorFlow sees a GPU or a TPU on this machine.
-
-    Reads `tf.config.list_physical_devices`, which does not allocate device memory.
+    """True when the Keras backend sees a GPU or a TPU on this machine (`keras_wssi.backend.accelerators()`:
+    TensorFlow's physical devices, which it lists without allocating device memory, or JAX's devices).
 
     Example:
 
@@ -46,7 +52,7 @@ def has_accelerator():
     keras_wssi.xla.has_accelerator()   # False on a CPU-only machine
     ```
     """
-    return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
+    return bool(keras_backend.accelerators())
 
 
 def has_convolutions(model):
@@ -69,15 +75,17 @@ def has_convolutions(model):
     return any(isinstance(layer, _CONVOLUTION_TYPES) for layer in model._flatten_layers(include_self=False))
 
 
-def recommended_jit_compile(model, accelerator=None):
+def recommended_jit_compile(model, accelerator=None, backend=None):
     """Whether to compile `model`'s train step with XLA, by the measured rule (see `RULE`).
 
-    XLA on for models without convolutional layers, or when a GPU/TPU is present; off for convolutional models
-    on CPU, where XLA made the small CNN's steps 1.4-6.7x slower (docs/benchmarks.md).
+    On TensorFlow: XLA on for models without convolutional layers, or when a GPU/TPU is present; off for
+    convolutional models on CPU, where XLA made the small CNN's steps 1.4-6.7x slower (docs/benchmarks.md). On
+    JAX: always on (without XLA compilation of the whole step, JAX runs it op by op; see the module docstring).
 
     Args:
         model: a `keras.Model`.
-        accelerator: whether a GPU/TPU is present; None asks TensorFlow (`has_accelerator`).
+        accelerator: whether a GPU/TPU is present; None asks the backend (`has_accelerator`).
+        backend: `"tensorflow"` or `"jax"`: the backend whose rule applies; None is the active Keras backend.
 
     Returns:
         A bool for `compile(jit_compile=...)`.
@@ -91,13 +99,18 @@ def recommended_jit_compile(model, accelerator=None):
     """
     if accelerator is not None and not isinstance(accelerator, bool):
         raise TypeError(f"accelerator must be True, False or None (detect), got {accelerator!r}.")
+    backend_name = keras_backend.BACKEND if backend is None else backend
+    if backend_name not in ("tensorflow", "jax"):
+        raise ValueError(f"backend must be 'tensorflow', 'jax' or None (the active one), got {backend!r}.")
     convolutional = has_convolutions(model)
+    if backend_name == "jax":
+        return True
     if accelerator is None:
         accelerator = has_accelerator()
     return accelerator or not convolutional
 
 
-def resolve_jit_compile(value, model, accelerator=None):
+def resolve_jit_compile(value, model, accelerator=None, backend=None):
     """Turns a `jit_compile` setting (`True`, `False`, `"auto"`, or the strings `"true"`/`"false"`) into a bool.
 
     `"auto"` applies `recommended_jit_compile`; an explicit value is kept, so users can always force XLA on or off.
@@ -105,7 +118,7 @@ def resolve_jit_compile(value, model, accelerator=None):
     Args:
         value: the setting, e.g. a command-line flag's value.
         model: the `keras.Model` to be compiled.
-        accelerator: as in `recommended_jit_compile`.
+        accelerator, backend: as in `recommended_jit_compile`.
 
     Example:
 
@@ -118,6 +131,6 @@ def resolve_jit_compile(value, model, accelerator=None):
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "auto"):
         value = value.strip().lower()
         if value == "auto":
-            return recommended_jit_compile(model, accelerator=accelerator)
+            return recommended_jit_compile(model, accelerator=accelerator, backend=backend)
         return value == "true"
     raise ValueError(f"jit_compile must be True, False or 'auto' (or 'true'/'false'), got {value!r}.")

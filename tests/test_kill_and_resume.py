@@ -43,6 +43,13 @@ CHAINS = {
 
 def _run(data_dir, output_dir, penalties, crash=None, extra=()):
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # On JAX every rerun would compile the same steps again: one persistent XLA cache per chain (beside the
+    # output folders) lets reruns load them. The compiled programs are the same, so the results are too.
+    environment.update(
+        JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(output_dir), "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     environment.pop("KERAS_WSSI_CRASH_AT", None)
     if crash:
         environment["KERAS_WSSI_CRASH_AT"] = crash

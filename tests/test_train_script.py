@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_wssi as kw
+from _testing import BACKEND
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "examples", "train.py")
@@ -39,7 +40,11 @@ def test_mnist_mlp_with_weissi_reaches_98_percent_and_writes_every_output(data_d
     output = result.stdout + result.stderr
     assert not [line for line in output.splitlines() if any(word in line for word in train_script.ALARMING)], output[-3000:]
     assert f"outputs go to {os.path.abspath(output_dir)}" in result.stdout
-    assert "XLA on (auto): dense-only model" in result.stdout
+    assert f"Keras backend {BACKEND}" in result.stdout
+    if BACKEND == "jax":
+        assert "XLA on (auto): the JAX backend compiles every step" in result.stdout
+    else:
+        assert "XLA on (auto): dense-only model" in result.stdout
     with open(os.path.join(output_dir, "metrics.json")) as handle:
         metrics = json.load(handle)
     assert metrics["test_accuracy"] >= 0.98, metrics
@@ -99,6 +104,11 @@ def test_xla_rule():
     assert rule("auto", "cnn", False, ["GPU"])[0] is True
     assert rule("auto", "mlp", True, [])[0] is False and rule("true", "mlp", True, [])[0] is False
     assert rule("true", "cnn", False, [])[0] is True and rule("false", "mlp", False, [])[0] is False
+    # On JAX every step is compiled with XLA (uncompiled, Keras runs it op by op), deterministic on CPU.
+    for model in ("mlp", "cnn", "resnet"):
+        for deterministic in (False, True):
+            assert rule("auto", model, deterministic, [], backend="jax")[0] is True
+    assert rule("false", "cnn", False, [], backend="jax")[0] is False and rule("true", "mlp", True, [], backend="jax")[0] is True
 
 
 @pytest.mark.slow
