@@ -18,7 +18,12 @@ its own trainers (`keras/src/backend/<name>/trainer.py`):
 - `distributed()`, `replica_id()`, `scale_loss_for_distribution`, `unscale_loss_for_distribution`,
   `state_creation_scope(model)`: per-replica work under `tf.distribute` (no-ops on JAX, whose
   `keras.distribution` compiles one global program);
-- `is_traced(x)`: whether `x` is a symbolic value inside a compiled function.
+- `is_traced(x)`: whether `x` is a symbolic value inside a compiled function;
+- `eager_scope()`: lifts state creation out of a trace where the backend can (`tf.init_scope`; a no-op on JAX);
+- `variable_updates_persist(x)`: whether an `assign` to a variable the step does not carry takes effect now
+  (always on TensorFlow; on JAX only outside transformations and stateless scopes);
+- `supports_float64()`: whether float64 is computed (JAX: only with `jax_enable_x64`);
+- `accelerators()`: the accelerator kinds the backend sees (`["GPU"]`, `["TPU"]` or `[]`).
 
 TensorFlow and JAX are implemented; on another backend, importing keras_wssi works, and the first use of a
 primitive raises an error that says so.
