@@ -34,15 +34,15 @@ def _tiny(layer, input_shape):
 def test_every_convolution_type_is_detected(layer, input_shape):
     model = _tiny(layer(), input_shape)
     assert xla.has_convolutions(model)
-    assert xla.recommended_jit_compile(model, accelerator=False) is False
-    assert xla.recommended_jit_compile(model, accelerator=True) is True
+    assert xla.recommended_jit_compile(model, accelerator=False, backend="tensorflow") is False
+    assert xla.recommended_jit_compile(model, accelerator=True, backend="tensorflow") is True
 
 
 def test_dense_only_models_get_xla_on_cpu_and_on_accelerators():
     for model in (kw.architectures.mlp(hidden_units=(8,)), keras.Sequential([keras.Input((4,)), L.Dense(3)])):
         assert not xla.has_convolutions(model)
-        assert xla.recommended_jit_compile(model, accelerator=False) is True
-        assert xla.recommended_jit_compile(model, accelerator=True) is True
+        assert xla.recommended_jit_compile(model, accelerator=False, backend="tensorflow") is True
+        assert xla.recommended_jit_compile(model, accelerator=True, backend="tensorflow") is True
 
 
 def test_convolutions_are_found_inside_wrappers_nested_models_and_custom_layers():
@@ -70,7 +70,7 @@ def test_convolutions_are_found_inside_wrappers_nested_models_and_custom_layers(
     nested = keras.Model(inputs, L.Dense(3)(L.Flatten()(inner(inputs))))
     for model in (kw.wrap(subclassed), subclassed, nested, kw.wrap(nested), kw.architectures.small_resnet()):
         assert xla.has_convolutions(model), model.name
-        assert xla.recommended_jit_compile(model, accelerator=False) is False
+        assert xla.recommended_jit_compile(model, accelerator=False, backend="tensorflow") is False
 
 
 def test_resolve_keeps_forced_settings_and_applies_the_rule_for_auto():
@@ -79,11 +79,16 @@ def test_resolve_keeps_forced_settings_and_applies_the_rule_for_auto():
     assert xla.resolve_jit_compile(True, cnn, accelerator=False) is True
     assert xla.resolve_jit_compile("false", mlp, accelerator=False) is False
     assert xla.resolve_jit_compile(" TRUE ", cnn, accelerator=False) is True
-    assert xla.resolve_jit_compile("auto", cnn, accelerator=False) is False
+    assert xla.resolve_jit_compile("auto", cnn, accelerator=False, backend="tensorflow") is False
     assert xla.resolve_jit_compile("auto", cnn, accelerator=True) is True
     assert xla.resolve_jit_compile("Auto", mlp, accelerator=False) is True
-    # Without `accelerator`, the machine is asked.
-    assert xla.resolve_jit_compile("auto", cnn) is xla.has_accelerator()
+    # Without `accelerator`, the machine is asked; without `backend`, the active backend's rule applies.
+    assert xla.resolve_jit_compile("auto", cnn, backend="tensorflow") is xla.has_accelerator()
+    assert xla.resolve_jit_compile("auto", cnn) is (keras.backend.backend() == "jax" or xla.has_accelerator())
+    # On JAX every model gets XLA: without it Keras runs the JAX step op by op (keras_wssi/xla.py).
+    for model in (cnn, mlp):
+        assert xla.recommended_jit_compile(model, accelerator=False, backend="jax") is True
+        assert xla.resolve_jit_compile("auto", model, accelerator=False, backend="jax") is True
 
 
 def test_bad_arguments_are_named():
@@ -115,4 +120,4 @@ def test_train_script_rule_agrees_with_the_library_for_every_built_in_architectu
     names = ast.literal_eval(source.split("CONVOLUTIONAL_MODELS = ", 1)[1].split("\n", 1)[0])
     for name in kw.architectures.ARCHITECTURES:
         model = kw.architectures.build(name)
-        assert xla.recommended_jit_compile(model, accelerator=False) == (name not in names), name
+        assert xla.recommended_jit_compile(model, accelerator=False, backend="tensorflow") == (name not in names), name
