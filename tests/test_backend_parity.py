@@ -16,7 +16,13 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
+from _testing import BACKEND
+
+# It starts both backends itself, so it runs once: in the JAX pass of the suite.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(BACKEND != "jax", reason="runs once, in the JAX pass (it starts both backends itself)"),
+]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "backend_parity_check.py")
