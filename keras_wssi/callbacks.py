@@ -16,8 +16,8 @@ writes per-epoch weights that are complete and finite, or nothing.
 On JAX, Keras keeps the training state in arrays during an epoch and writes it back into the variables when a
 callback reads `self.model` (and at every epoch end). Every callback here reads and assigns variables only
 through `self.model`, so the guards see the current weights and an assigned strength reaches the next step; a
-callback of your own that assigns a variable mid-epoch must do the same (e.g. `self.model.penalties[0].strength
-= value`, not a penalty object kept aside).
+callback of your own that reads or assigns other variables mid-epoch must do the same (`penalty.strength = value`
+writes the model's state back itself, so it works on a penalty object kept aside too).
 """
 
 import hashlib

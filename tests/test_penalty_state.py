@@ -64,15 +64,31 @@ def _cases():
     return cases + [(name, "keras", True) for name in ("jacobian_spectral_norm", "layerwise_spectral_norm")]
 
 
+class _OpDeterminism:
+    """TensorFlow's op determinism, on until `close()` (nothing to do on JAX, whose CPU kernels are deterministic)."""
+
+    def __init__(self):
+        self._tf = None
+        if BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            self._tf = tf
+            tf.config.experimental.enable_op_determinism()
+
+    def close(self):
+        if self._tf is not None:
+            # TensorFlow has no public switch back; its config module's is what `enable_op_determinism` calls.
+            from tensorflow.python.framework import config as tf_config
+
+            tf_config.disable_op_determinism()
+
+
 @pytest.fixture(scope="module")
 def resumed_in_fresh_process(tmp_path_factory):
     """Trains STEPS steps of every case here, saves it, continues MORE_STEPS steps in a new process; also runs
     the uninterrupted STEPS + MORE_STEPS steps here. Returns {case: (uninterrupted, resumed, saved_paths)}."""
     folder = tmp_path_factory.mktemp("state")
-    if BACKEND == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
+    determinism = _OpDeterminism()
     entries, expected = [], {}
     for index, (name, kind, jit_compile) in enumerate(_cases()):
         seed = 100 + index
@@ -93,6 +109,7 @@ def resumed_in_fresh_process(tmp_path_factory):
         for x, y in batches(seed):
             reference.train_on_batch(x, y)
         expected[(name, kind, jit_compile)] = _by_path(reference.variables)
+    determinism.close()  # Off again: Keras disables XLA under op determinism, which later tests rely on.
     manifest = folder / "manifest.json"
     manifest.write_text(json.dumps({"entries": entries, "repo_root": HERE, "hint_path": str(folder / "hint.txt")}))
     result = subprocess.run(
@@ -298,3 +315,32 @@ def test_a_file_without_penalty_state_loads_with_a_warning_and_trains(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     loaded.train_on_batch(x, y)
     assert np.any(loaded.penalties[0]._warm_state.numpy())
+
+
+def test_strength_assigned_mid_epoch_through_the_penalty_reaches_the_next_step():
+    """`penalty.strength = x` from code holding the penalty (not `self.model`) mid-`fit` takes effect at the next
+    step: on JAX, where `fit` keeps the variables' values in its own state during an epoch, too."""
+    x = np.concatenate([b[0] for b in batches(12)])
+    y = np.concatenate([b[1] for b in batches(12)])
+
+    class RaiseAtBatch(keras.callbacks.Callback):
+        def __init__(self, penalty):
+            super().__init__()
+            self.penalty = penalty
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                self.penalty.strength = 5.0
+
+    keras.utils.set_random_seed(12)
+    model = build_model("input_gradient", optimizer="sgd")
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[RaiseAtBatch(model.penalties[0])])
+    keras.utils.set_random_seed(12)
+    reference = build_model("input_gradient", optimizer="sgd")
+    for step in range(4):
+        if step == 2:
+            reference.penalties[0].strength = 5.0
+        reference.train_on_batch(x[16 * step:16 * (step + 1)], y[16 * step:16 * (step + 1)])
+    for a, b in zip(model.trainable_variables, reference.trainable_variables):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert model.penalties[0].strength == 5.0

@@ -137,6 +137,12 @@ class Penalty:
             raise ValueError(f"{self.name}: the strength of a monitor must stay 0 (it only logs), got {value!r}.")
         self._strength = value
         if self._strength_variable is not None:
+            # On JAX, `fit` holds the variables' values in its own state during an epoch; write that state back
+            # first, so the assignment is not overwritten and the next step reads it (as a callback's `self.model`
+            # access does).
+            sync = getattr(self._model, "jax_state_sync", None)
+            if sync is not None:
+                sync()
             self._strength_variable.assign(value)
 
     @property
