@@ -16,7 +16,7 @@ def tf_functions(function):
     return found
 
 
-def _jitted_functions(function, seen=None):
+def jitted_functions(function, seen=None):
     """The `jax.jit` functions behind a Keras JAX train/test function (searched through its closures)."""
     seen = set() if seen is None else seen
     if id(function) in seen:
@@ -31,7 +31,7 @@ def _jitted_functions(function, seen=None):
         except ValueError:
             continue
         if callable(value):
-            found.extend(_jitted_functions(value, seen))
+            found.extend(jitted_functions(value, seen))
     return found
 
 
@@ -41,7 +41,7 @@ def compiled_count(function, jit_compile=True):
     to prove that nothing retraces; it fails if no compiled function is found (on JAX a model compiled with
     `jit_compile=False` runs its steps eagerly: nothing is traced, and the count is 0)."""
     if BACKEND == "jax":
-        functions = _jitted_functions(function)
+        functions = jitted_functions(function)
         if not jit_compile and not functions:
             return 0
         assert functions, "expected the step to be a jax.jit function"
@@ -77,3 +77,79 @@ def tensorflow_only(reason):
     import pytest
 
     return pytest.mark.skipif(BACKEND != "tensorflow", reason=f"TensorFlow backend only: {reason}")
+
+
+def _project_l1(vectors, radius):
+    """Euclidean projection of each row of `vectors` `(k, n)` onto the ℓ1 ball of `radius` `(k,)` (Duchi et al.
+    2008: sort, threshold)."""
+    import numpy as np
+
+    magnitude = np.abs(vectors)
+    ordered = -np.sort(-magnitude, axis=-1)
+    cumulative = np.cumsum(ordered, axis=-1)
+    k = np.arange(1, vectors.shape[-1] + 1)
+    count = np.maximum((ordered * k > cumulative - radius[:, None]).sum(axis=-1), 1)
+    threshold = (cumulative[np.arange(len(vectors)), count - 1] - radius) / count
+    projected = np.sign(vectors) * np.maximum(magnitude - threshold[:, None], 0.0)
+    inside = magnitude.sum(axis=-1, keepdims=True) <= radius[:, None]
+    return np.where(inside, vectors, projected)
+
+
+def project_to_ball(matrices, radius, norm):
+    """Projection of kernels `(B, fan_in, fan_out)` (`W = kernelᵀ`) onto `||W|| ≤ radius` (a number or one per
+    kernel `(B,)`) in the operator norm `norm` ("2", "1", "inf"); NumPy float64 (the weight-space adversary of the
+    certificate tests)."""
+    import numpy as np
+
+    matrices = np.asarray(matrices, np.float64)
+    radius = np.broadcast_to(np.asarray(radius, np.float64), matrices.shape[:-2])
+    if norm == "2":
+        u, s, vt = np.linalg.svd(matrices, full_matrices=False)
+        return np.einsum("bik,bk,bkj->bij", u, np.minimum(s, radius[:, None]), vt)
+    # "inf": each output unit's incoming weights (a kernel column) in the ℓ1 ball; "1": each kernel row.
+    vectors = np.swapaxes(matrices, -1, -2) if norm == "inf" else matrices
+    shape = vectors.shape
+    rows = _project_l1(vectors.reshape(-1, shape[-1]), np.broadcast_to(radius[:, None], shape[:-1]).reshape(-1))
+    projected = rows.reshape(shape)
+    return np.swapaxes(projected, -1, -2) if norm == "inf" else projected
+
+
+def steepest_ascent_vertex(gradient, radius, norm):
+    """`argmax_{||Δᵀ|| ≤ radius} ⟨gradient, Δ⟩` per kernel `(B, fan_in, fan_out)` (NumPy float64)."""
+    import numpy as np
+
+    gradient = np.asarray(gradient, np.float64)
+    radius = np.broadcast_to(np.asarray(radius, np.float64), gradient.shape[:-2])[:, None, None]
+    if norm == "2":
+        u, _, vt = np.linalg.svd(gradient, full_matrices=False)
+        return radius * u @ vt
+    axis = -2 if norm == "inf" else -1
+    index = np.expand_dims(np.argmax(np.abs(gradient), axis=axis), axis)
+    mask = np.zeros_like(gradient)
+    np.put_along_axis(mask, index, 1.0, axis=axis)
+    return radius * mask * np.sign(gradient)
+
+
+def free_ports(count):
+    """`count` free TCP ports on 127.0.0.1 (for the multi-process tests)."""
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def load_run(path):
+    """`(weights, state, history)` from the `.npz` a multi-process check script wrote (`w<i>`, `s<i>`, `history`)."""
+    import json
+
+    import numpy as np
+
+    with np.load(path) as archive:
+        weights = [archive[n] for n in sorted((n for n in archive.files if n.startswith("w")), key=lambda n: int(n[1:]))]
+        state = [archive[n] for n in sorted((n for n in archive.files if n.startswith("s")), key=lambda n: int(n[1:]))]
+        return weights, state, json.loads(str(archive["history"]))

@@ -8,9 +8,7 @@ below; measured values ~3e-8). The random projections of `jacobian_frobenius` ar
 a partitionable generator, so they match too. Runs in the JAX pass of the suite.
 """
 
-import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,6 +16,8 @@ import numpy as np
 import pytest
 
 from _testing import BACKEND
+from _testing import free_ports
+from _testing import load_run
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,19 +28,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "jax_data_parallel_check.py")
 TIMEOUT_S = 300
 TOLERANCE = 1e-5
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _load(path):
-    with np.load(path) as archive:
-        weights = [archive[n] for n in sorted((n for n in archive.files if n.startswith("w")), key=lambda n: int(n[1:]))]
-        state = [archive[n] for n in sorted((n for n in archive.files if n.startswith("s")), key=lambda n: int(n[1:]))]
-        return weights, state, json.loads(str(archive["history"]))
 
 
 def _environment():
@@ -55,7 +42,7 @@ def runs(tmp_path_factory):
     """One two-process cluster and one single process, each training every case in turn."""
     folder = tmp_path_factory.mktemp("data_parallel")
     cases = ",".join(PENALTIES)
-    port = _free_port()
+    port = free_ports(1)[0]
     processes = [
         subprocess.Popen(
             [sys.executable, SCRIPT, str(folder / f"p{i}_"), cases, f"--process={i}", f"--port={port}"],
@@ -80,7 +67,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("index", range(len(PENALTIES)), ids=PENALTIES)
 def test_two_processes_match_each_other_and_one_process(runs, index):
     penalty = PENALTIES[index]
-    (w0, s0, h0), (w1, s1, h1), (ws, ss, hs) = (_load(runs / f"{n}_{index}.npz") for n in ("p0", "p1", "single"))
+    (w0, s0, h0), (w1, s1, h1), (ws, ss, hs) = (load_run(runs / f"{n}_{index}.npz") for n in ("p0", "p1", "single"))
     for a, b in zip(w0 + s0, w1 + s1):
         np.testing.assert_array_equal(a, b)
     assert h0 == h1

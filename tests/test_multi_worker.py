@@ -9,15 +9,15 @@ so only the summation order differs (measured ~1e-8), except where a penalty's s
 replica's half batch by design (the spectral norm's warm start, as under MirroredStrategy).
 """
 
-import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from _testing import free_ports
+from _testing import load_run
 from _testing import tensorflow_only
 
 pytestmark = tensorflow_only("MultiWorkerMirroredStrategy; JAX scale-out is tested in tests/test_jax_data_parallel.py")
@@ -32,23 +32,6 @@ TOLERANCE = {"weissi:0.05": 1e-6, "jacobian_spectral_norm:0.05": 1e-4}
 PER_WORKER_STATE = {"jacobian_spectral_norm:0.05"}
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _load(path):
-    with np.load(path) as archive:
-        weights = [archive[n] for n in sorted((n for n in archive.files if n.startswith("w")), key=lambda n: int(n[1:]))]
-        state = [archive[n] for n in sorted((n for n in archive.files if n.startswith("s")), key=lambda n: int(n[1:]))]
-        return weights, state, json.loads(str(archive["history"]))
-
-
 def _environment():
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     environment.pop("TF_CONFIG", None)
@@ -57,7 +40,7 @@ def _environment():
 
 def _two_workers(tmp_path, penalty, backup_dir, *extra):
     """Runs the two workers to completion (killed after TIMEOUT_S); returns their stderr."""
-    ports = ",".join(map(str, _free_ports(2)))
+    ports = ",".join(map(str, free_ports(2)))
     workers = [
         subprocess.Popen(
             [sys.executable, SCRIPT, str(tmp_path / f"worker{i}.npz"), penalty, f"--worker={i}", f"--ports={ports}",
@@ -94,7 +77,7 @@ def test_two_workers_on_localhost_train_identically_and_match_one_process(penalt
     _two_workers(tmp_path, penalty, backup_dir)
     _single(tmp_path, penalty)
 
-    (w0, s0, h0), (w1, s1, h1), (ws, _, hs) = (_load(tmp_path / n) for n in ("worker0.npz", "worker1.npz", "single.npz"))
+    (w0, s0, h0), (w1, s1, h1), (ws, _, hs) = (load_run(tmp_path / n) for n in ("worker0.npz", "worker1.npz", "single.npz"))
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)
     assert h0 == h1
@@ -126,7 +109,7 @@ def test_two_workers_resume_from_the_chiefs_backup(tmp_path):
     stderr = _two_workers(tmp_path, penalty, backup_dir, "--epochs=3")
     assert all("resumed from" in e and "ckpt-2 after epoch 2" in e for e in stderr), stderr
     _single(tmp_path, penalty, "--epochs=3")
-    (w0, _, h0), (w1, _, h1), (ws, _, _) = (_load(tmp_path / n) for n in ("worker0.npz", "worker1.npz", "single.npz"))
+    (w0, _, h0), (w1, _, h1), (ws, _, _) = (load_run(tmp_path / n) for n in ("worker0.npz", "worker1.npz", "single.npz"))
     for a, b in zip(w0, w1):
         np.testing.assert_array_equal(a, b)
     assert len(h0["loss"]) == 1, "only epoch 3 was trained"

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import keras_wssi as kw
 from _testing import BACKEND
+from _testing import jitted_functions
 from _testing import tf_functions
 from keras_wssi import penalties as P
 from keras_wssi.analysis import slope
@@ -36,22 +37,6 @@ def data(shape=(4, 4, 1), n=16, seed=0):
     return rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 4, n).astype("int32")
 
 
-def _jitted_functions(function, seen=None):
-    """The `jax.jit` functions behind a Keras JAX train function (searched through its closures)."""
-    seen = set() if seen is None else seen
-    if id(function) in seen:
-        return []
-    seen.add(id(function))
-    if hasattr(function, "_cache_size"):
-        return [function]
-    found = []
-    for cell in getattr(function, "__closure__", None) or ():
-        value = cell.cell_contents
-        if callable(value):
-            found.extend(_jitted_functions(value, seen))
-    return found
-
-
 def assert_traced_once(model, jit_compile):
     """The train step was traced (compiled) once: a `tf.function` with one concrete function, or a `jax.jit`
     with one cache entry (an uncompiled JAX step is not traced at all)."""
@@ -59,7 +44,7 @@ def assert_traced_once(model, jit_compile):
         functions = tf_functions(model.train_function)
         assert functions and all(len(f._list_all_concrete_functions()) == 1 for f in functions)
     elif jit_compile:
-        functions = _jitted_functions(model.train_function)
+        functions = jitted_functions(model.train_function)
         assert functions and all(f._cache_size() == 1 for f in functions)
 
 

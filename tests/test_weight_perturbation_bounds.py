@@ -17,6 +17,8 @@ from keras_wssi import penalties as P
 from keras_wssi import structure
 from keras_wssi.analysis import weight_perturbation as wp
 
+import _testing
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 ACTIVATIONS = ["relu", "tanh", "leaky_relu", "elu", "relu6", "linear"]
 # The bounds compute in float64 (TensorFlow; JAX with jax_enable_x64), else in float32 (JAX by default); the
@@ -129,48 +131,14 @@ def _operator_norms(deltas, norm):
     return np.linalg.norm(deltas, 2, axis=(-2, -1))
 
 
-def _project_l1(vectors, radius):
-    """Euclidean projection of each row of `vectors` `(k, n)` onto the ℓ1 ball of `radius` `(k,)` (Duchi et al.
-    2008: sort, threshold)."""
-    magnitude = np.abs(vectors)
-    ordered = -np.sort(-magnitude, axis=-1)
-    cumulative = np.cumsum(ordered, axis=-1)
-    k = np.arange(1, vectors.shape[-1] + 1)
-    count = np.maximum((ordered * k > cumulative - radius[:, None]).sum(axis=-1), 1)
-    threshold = (cumulative[np.arange(len(vectors)), count - 1] - radius) / count
-    projected = np.sign(vectors) * np.maximum(magnitude - threshold[:, None], 0.0)
-    inside = magnitude.sum(axis=-1, keepdims=True) <= radius[:, None]
-    return np.where(inside, vectors, projected)
-
-
 def project_to_ball(matrices, radius, norm):
-    """Projection of kernels `(B, fan_in, fan_out)` (`W = kernelᵀ`) onto `||W|| ≤ radius` (a number or one per
-    kernel `(B,)`), NumPy float64; returns a float64 tensor."""
-    matrices = _np(matrices)
-    radius = np.broadcast_to(_np(radius), matrices.shape[:-2])
-    if norm == "2":
-        u, s, vt = np.linalg.svd(matrices, full_matrices=False)
-        return tf.constant(np.einsum("bik,bk,bkj->bij", u, np.minimum(s, radius[:, None]), vt))
-    # "inf": each output unit's incoming weights (a kernel column) in the ℓ1 ball; "1": each kernel row.
-    vectors = np.swapaxes(matrices, -1, -2) if norm == "inf" else matrices
-    shape = vectors.shape
-    rows = _project_l1(vectors.reshape(-1, shape[-1]), np.broadcast_to(radius[:, None], shape[:-1]).reshape(-1))
-    projected = rows.reshape(shape)
-    return tf.constant(np.swapaxes(projected, -1, -2) if norm == "inf" else projected)
+    """`_testing.project_to_ball` as a float64 tensor."""
+    return tf.constant(_testing.project_to_ball(_np(matrices), _np(radius), norm))
 
 
 def steepest_ascent_vertex(gradient, radius, norm):
-    """`argmax_{||Δᵀ|| ≤ radius} ⟨gradient, Δ⟩` per kernel `(B, fan_in, fan_out)` (NumPy float64)."""
-    gradient = _np(gradient)
-    radius = np.broadcast_to(_np(radius), gradient.shape[:-2])[:, None, None]
-    if norm == "2":
-        u, _, vt = np.linalg.svd(gradient, full_matrices=False)
-        return radius * u @ vt
-    axis = -2 if norm == "inf" else -1
-    index = np.expand_dims(np.argmax(np.abs(gradient), axis=axis), axis)
-    mask = np.zeros_like(gradient)
-    np.put_along_axis(mask, index, 1.0, axis=axis)
-    return radius * mask * np.sign(gradient)
+    """`_testing.steepest_ascent_vertex` (NumPy float64)."""
+    return _testing.steepest_ascent_vertex(_np(gradient), _np(radius), norm)
 
 
 def _attack(model, x, y, target, radii, norm, steps=30, seed=1):

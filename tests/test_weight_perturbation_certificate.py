@@ -12,6 +12,8 @@ import tensorflow as tf
 import keras_wssi as kw
 from keras_wssi import backend
 from keras_wssi.analysis import weight_perturbation as wp
+from _testing import project_to_ball
+from _testing import steepest_ascent_vertex
 
 # The certificates compute in float64 (TensorFlow; JAX with jax_enable_x64), else in float32 (JAX by default):
 # comparisons with exact values allow that dtype's round-off.
@@ -56,47 +58,6 @@ def _perturbed_margins(model, x, y, deltas):
     return true[:, None] - h
 
 
-def _project_l1(vectors, radius):
-    """Euclidean projection of each row of `vectors` `(k, n)` onto the ℓ1 ball of `radius` `(k,)` (Duchi et al.
-    2008: sort, threshold)."""
-    magnitude = np.abs(vectors)
-    ordered = -np.sort(-magnitude, axis=-1)
-    cumulative = np.cumsum(ordered, axis=-1)
-    k = np.arange(1, vectors.shape[-1] + 1)
-    count = np.maximum((ordered * k > cumulative - radius[:, None]).sum(axis=-1), 1)
-    threshold = (cumulative[np.arange(len(vectors)), count - 1] - radius) / count
-    projected = np.sign(vectors) * np.maximum(magnitude - threshold[:, None], 0.0)
-    inside = magnitude.sum(axis=-1, keepdims=True) <= radius[:, None]
-    return np.where(inside, vectors, projected)
-
-
-def _project_to_ball(matrices, radius, norm):
-    """Projection of kernels `(B, fan_in, fan_out)` (`W = kernelᵀ`) onto `||W|| ≤ radius` (NumPy float64)."""
-    matrices = np.asarray(matrices, np.float64)
-    if norm == "2":
-        u, s, vt = np.linalg.svd(matrices, full_matrices=False)
-        return np.einsum("bik,bk,bkj->bij", u, np.minimum(s, radius), vt)
-    # "inf": each output unit's incoming weights (a kernel column) in the ℓ1 ball; "1": each kernel row.
-    vectors = np.swapaxes(matrices, -1, -2) if norm == "inf" else matrices
-    shape = vectors.shape
-    rows = _project_l1(vectors.reshape(-1, shape[-1]), np.full(int(np.prod(shape[:-1])), float(radius)))
-    projected = rows.reshape(shape)
-    return np.swapaxes(projected, -1, -2) if norm == "inf" else projected
-
-
-def _steepest_ascent_vertex(gradient, radius, norm):
-    """`argmax_{||Δᵀ|| ≤ radius} ⟨gradient, Δ⟩` per kernel `(B, fan_in, fan_out)` (NumPy float64)."""
-    gradient = np.asarray(gradient, np.float64)
-    if norm == "2":
-        u, _, vt = np.linalg.svd(gradient, full_matrices=False)
-        return radius * u @ vt
-    axis = -2 if norm == "inf" else -1
-    index = np.expand_dims(np.argmax(np.abs(gradient), axis=axis), axis)
-    mask = np.zeros_like(gradient)
-    np.put_along_axis(mask, index, 1.0, axis=axis)
-    return radius * mask * np.sign(gradient)
-
-
 def _operator_norms(deltas, norm):
     if norm == "inf":
         return np.abs(deltas).sum(axis=-2).max(axis=-1)
@@ -112,7 +73,7 @@ def _adversarial_margin_drop(model, x, y, radii, norm, target, steps=40):
     deltas = [tf.zeros([batch, *l.kernel.shape], tf.float64) for l in dense]
     rng = np.random.default_rng(1)
     # A random start inside the ball (zero can be a saddle for ReLU masks).
-    deltas = [tf.constant(_project_to_ball(rng.normal(0, 1e-3, d.shape), r, norm)) for d, r in zip(deltas, radii)]
+    deltas = [tf.constant(project_to_ball(rng.normal(0, 1e-3, d.shape), r, norm)) for d, r in zip(deltas, radii)]
     best = np.full(batch, -np.inf)
     clean = _perturbed_margins(model, x, y, [tf.zeros_like(d) for d in deltas]).numpy()[np.arange(batch), target]
     for step in range(steps):
@@ -125,7 +86,7 @@ def _adversarial_margin_drop(model, x, y, radii, norm, target, steps=40):
         gradients = tape.gradient(objective, deltas)
         size = 1.0 / (1 + step) ** 0.5
         deltas = [
-            tf.constant(_project_to_ball(d.numpy() + size * _steepest_ascent_vertex(g.numpy(), r, norm), r, norm)) if r > 0 else d
+            tf.constant(project_to_ball(d.numpy() + size * steepest_ascent_vertex(g.numpy(), r, norm), r, norm)) if r > 0 else d
             for d, g, r in zip(deltas, gradients, radii)
         ]
     margins = _perturbed_margins(model, x, y, deltas)
