@@ -13,8 +13,7 @@ its own trainers (`keras/src/backend/<name>/trainer.py`):
 - `grad(fn, *primals)`: the gradients of the sum of `fn`'s outputs;
 - `function(fn, variables=(), jit_compile=True)`: `fn` compiled (a `tf.function` / `jax.jit`), reading the
   current values of `variables` (e.g. `model.variables`) on every call, so a changed weight is always seen;
-- `stateless_normal(shape, seed)` / `stateless_uniform(shape, seed, minval, maxval)`: counter-based draws from
-  a `(2,)` integer seed tensor;
+- `stateless_normal(shape, seed)`: counter-based Gaussian draws from a `(2,)` integer seed tensor;
 - `distributed()`, `replica_id()`, `scale_loss_for_distribution`, `unscale_loss_for_distribution`,
   `state_creation_scope(model)`: per-replica work under `tf.distribute` (no-ops on JAX, whose
   `keras.distribution` compiles one global program);
@@ -45,7 +44,6 @@ __all__ = [
     "scale_loss_for_distribution",
     "state_creation_scope",
     "stateless_normal",
-    "stateless_uniform",
     "unscale_loss_for_distribution",
     "vjp",
     "eager_scope",
@@ -69,7 +67,6 @@ if BACKEND == "tensorflow":
     from keras_wssi.backend.tensorflow import scale_loss_for_distribution
     from keras_wssi.backend.tensorflow import state_creation_scope
     from keras_wssi.backend.tensorflow import stateless_normal
-    from keras_wssi.backend.tensorflow import stateless_uniform
     from keras_wssi.backend.tensorflow import unscale_loss_for_distribution
     from keras_wssi.backend.tensorflow import vjp
     from keras_wssi.backend.tensorflow import eager_scope
@@ -88,7 +85,6 @@ elif BACKEND == "jax":
     from keras_wssi.backend.jax import scale_loss_for_distribution
     from keras_wssi.backend.jax import state_creation_scope
     from keras_wssi.backend.jax import stateless_normal
-    from keras_wssi.backend.jax import stateless_uniform
     from keras_wssi.backend.jax import unscale_loss_for_distribution
     from keras_wssi.backend.jax import vjp
     from keras_wssi.backend.jax import eager_scope
@@ -113,7 +109,7 @@ else:
             _unsupported()
 
     InputJacobian = forward_with_input_jacobian = replica_id = distributed = _unsupported
-    scale_loss_for_distribution = stateless_normal = stateless_uniform = unscale_loss_for_distribution = _unsupported
+    scale_loss_for_distribution = stateless_normal = unscale_loss_for_distribution = _unsupported
     function = grad = vjp = is_traced = state_creation_scope = _unsupported
     eager_scope = variable_updates_persist = supports_float64 = _unsupported
     accelerators = _unsupported

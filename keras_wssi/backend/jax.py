@@ -33,7 +33,6 @@ __all__ = [
     "scale_loss_for_distribution",
     "state_creation_scope",
     "stateless_normal",
-    "stateless_uniform",
     "unscale_loss_for_distribution",
     "vjp",
 ]
@@ -171,11 +170,6 @@ def is_traced(x=None):
 def stateless_normal(shape, seed):
     """Standard normal draws from a `(2,)` integer seed (threefry: JAX's default counter-based generator)."""
     return jax.random.normal(_key(seed), tuple(shape), jnp.float32)
-
-
-def stateless_uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
-    """Uniform draws in `[minval, maxval)` from a `(2,)` integer seed."""
-    return jax.random.uniform(_key(seed), tuple(shape), jnp.dtype(dtype), minval, maxval)
 
 
 def _key(seed):

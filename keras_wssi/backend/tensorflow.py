@@ -24,7 +24,6 @@ __all__ = [
     "scale_loss_for_distribution",
     "state_creation_scope",
     "stateless_normal",
-    "stateless_uniform",
     "unscale_loss_for_distribution",
     "vjp",
 ]
@@ -91,12 +90,6 @@ def stateless_normal(shape, seed):
     CPU: ~0.07 ms against ~1 ms for Keras's default generator, DESIGN.md §3)."""
     seed = tf.cast(seed, tf.int64)
     return tf.random.stateless_normal(shape, seed=seed, dtype=tf.float32, alg="philox")
-
-
-def stateless_uniform(shape, seed, minval=0.0, maxval=1.0, dtype="float32"):
-    """Uniform draws in `[minval, maxval)` from a `(2,)` integer seed (Philox)."""
-    seed = tf.cast(seed, tf.int64)
-    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval, dtype=dtype, alg="philox")
 
 
 def vjp(fn, *primals):

@@ -626,12 +626,21 @@ def square_batch(logits_fn, x, y, indices, eps, key, target_rank, n_iter, norm="
         unchanged = ops.all(ops.abs(_flat(proposal - best)) < 1e-7, axis=1)
         flipped = ops.where(window, ops.clip(image - eps * signs, clip_min, clip_max), best)
         proposal = ops.where(_per_example(unchanged, proposal), flipped, proposal)
-        new_margin = margin_of(proposal)
-        accept = active & (new_margin < margin)
-        best = ops.where(_per_example(accept, best), proposal, best)
-        margin = ops.where(accept, new_margin, margin)
+        best, margin = _square_accept(proposal, best, margin, active, margin_of)
         return i + 1, best, margin, queries + ops.cast(active, "int32")
 
+    return _square_loop(body, best, margin, y, n_iter, example_shape)
+
+
+def _square_accept(proposal, best, margin, active, margin_of):
+    """Square's acceptance step (L∞ and L2 alike): keep `proposal` where it lowers an active example's margin."""
+    new_margin = margin_of(proposal)
+    accept = active & (new_margin < margin)
+    return ops.where(_per_example(accept, best), proposal, best), ops.where(accept, new_margin, margin)
+
+
+def _square_loop(body, best, margin, y, n_iter, example_shape):
+    """Runs Square's `body` for the `n_iter − 1` queries after the initial one; returns `(x_adv, robust, queries)`."""
     state = (ops.convert_to_tensor(0, "int32"), best, margin, ops.ones_like(y))
     _, best, margin, queries = ops.while_loop(
         lambda i, *rest: i < n_iter - 1, body, state, maximum_iterations=max(n_iter - 1, 0)
@@ -756,17 +765,10 @@ def _square_l2_batch(logits_fn, x, y, indices, eps, key, n_iter, p_init, clip_mi
         new = new * first / (1e-12 + new_norm) * budget
         delta = delta * (1.0 - second) * (1.0 - first) + new
         proposal = ops.clip(image + eps * delta / ops.maximum(per_image_norm(delta), 1e-12), clip_min, clip_max)
-        new_margin = margin_of(proposal)
-        accept = active & (new_margin < margin)
-        best = ops.where(_per_example(accept, best), proposal, best)
-        margin = ops.where(accept, new_margin, margin)
+        best, margin = _square_accept(proposal, best, margin, active, margin_of)
         return i + 1, best, margin, queries + ops.cast(active, "int32")
 
-    state = (ops.convert_to_tensor(0, "int32"), best, margin, ops.ones_like(y))
-    _, best, margin, queries = ops.while_loop(
-        lambda i, *rest: i < n_iter - 1, body, state, maximum_iterations=max(n_iter - 1, 0)
-    )
-    return ops.reshape(best, (-1,) + example_shape), margin > 0, queries
+    return _square_loop(body, best, margin, y, n_iter, example_shape)
 
 
 # ---------------------------------------------------------------------------------------------------------
